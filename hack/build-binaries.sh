@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Builds the pinned upstream binaries kubetune's tests and demo need, from the Go module proxy,
+# into a cache outside the repo ($KUBETUNE_CACHE/bin/<name>-<version>/). Idempotent: a binary
+# that is already there is not rebuilt.
+#   hack/build-binaries.sh [kubernetes|etcd|kwok|minio|helm|prometheus|all ...]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+CACHE=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+export GOCACHE=${GOCACHE:-$CACHE/go-build} GOMODCACHE=${GOMODCACHE:-$CACHE/go-mod}
+mkdir -p "$CACHE/bin" "$CACHE/src"
+
+log() { echo "[build-binaries] $*" >&2; }
+have() { [ -x "$1" ] && { log "cached: $1"; return 0; } || return 1; }
+
+# A throwaway wrapper module per tool keeps their dependency graphs apart.
+wrapper() {  # name -> prints a fresh module dir
+  local d="$CACHE/src/$1"; rm -rf "$d"; mkdir -p "$d"; (cd "$d" && go mod init "kubetune.local/build/$1" >/dev/null 2>&1); echo "$d"
+}
+
+build_kubernetes() {
+  local v=$KUBERNETES_VERSION out="$CACHE/bin/kubernetes-$KUBERNETES_VERSION"
+  local cmds=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kube-proxy)
+  local missing=0; for c in "${cmds[@]}"; do [ -x "$out/$c" ] || missing=1; done
+  [ $missing = 0 ] && { log "cached: $out"; return; }
+  local d; d=$(wrapper kubernetes); cd "$d"
+  local minor=${v#v1.}; local staging_v="v0.${minor}"
+  # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with ./staging
+  # paths; point every one of them at the published v0.X.Y instead (derived, not hard-coded).
+  local gomod; gomod=$(go mod download -json "k8s.io/kubernetes@$v" | python3 -c 'import json,sys;print(json.load(sys.stdin)["GoMod"])')
+  go mod edit -require="k8s.io/kubernetes@$v"
+  for m in $(sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$gomod"); do
+    go mod edit -replace="$m=$m@$staging_v"
+  done
+  local pkgs=(); for c in "${cmds[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+  printf 'package tools\nimport (\n' > tools.go; for p in "${pkgs[@]}"; do printf '\t_ "%s"\n' "$p" >> tools.go; done; printf ')\n' >> tools.go
+  go mod tidy >/dev/null 2>&1 || true
+  local major=1 minor_only=${minor%%.*}
+  local ld="-s -w"
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $p.gitVersion=$v -X $p.gitMajor=$major -X $p.gitMinor=$minor_only -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  mkdir -p "$out.tmp"
+  for c in "${cmds[@]}"; do
+    [ -x "$out.tmp/$c" ] && continue
+    log "building $c $v (slow on a cold cache)"
+    go build -trimpath -ldflags "$ld" -o "$out.tmp/$c" "k8s.io/kubernetes/cmd/$c"
+  done
+  rm -rf "$out"; mv "$out.tmp" "$out"
+  # pause.c ships in the module; the local node's sandbox image is built from it (hack/images.sh).
+  cp "$(go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c" "$out/pause.c"
+}
+
+build_go_main() {  # name version module-path-of-main-package module-to-get
+  local name=$1 v=$2 pkg=$3 mod=$4 out="$CACHE/bin/$1-$2"
+  have "$out/$name" && return
+  local d; d=$(wrapper "$name"); cd "$d"
+  log "building $name $v"
+  go get "$mod@$v" >/dev/null
+  mkdir -p "$out"
+  go build -trimpath -ldflags "-s -w" -o "$out/$name.tmp" "$pkg"
+  mv "$out/$name.tmp" "$out/$name"
+}
+
+build_etcd() { build_go_main etcd "$ETCD_VERSION" go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3; }
+build_kwok() { build_go_main kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok; }
+build_helm() { build_go_main helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm helm.sh/helm/v3; }
+build_minio() { build_go_main minio "$MINIO_VERSION" github.com/minio/minio github.com/minio/minio; }
+build_prometheus() { build_go_main prometheus "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus; }
+
+targets=("$@"); [ ${#targets[@]} = 0 ] && targets=(all)
+for t in "${targets[@]}"; do
+  case $t in
+    all) build_etcd; build_kubernetes; build_kwok; build_minio; build_helm ;;
+    kubernetes|etcd|kwok|minio|helm|prometheus) "build_$t" ;;
+    *) echo "unknown target: $t" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,241 @@
+"""The FineTuneJob API (kubetune.io/v1alpha1): the one source of truth for its schema.
+
+`crdgen` turns these models into the CRD's openAPIV3Schema (manifests/ and the chart carry the
+generated copy; a test fails on drift). The training-facing parts are the trainer-config
+contract's own models, so spec and trainer config cannot disagree. Cross-field rules that the
+API server must enforce are CEL (`x-kubernetes-validations`) on the models that own the fields.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kubetune_trainer.config import (
+    CheckpointRef,
+    CheckpointSpec,
+    DatasetSpec,
+    LoraSpec,
+    Method,
+    ModelSpec,
+    OutputSpec,
+    S3Spec,
+    TrainingSpec,
+    _Model,
+)
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["kubetune"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Kubernetes objects passed through verbatim (validated by the API server when the pod is created).
+K8sObject = dict[str, Any]
+
+_QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+
+class ResourcesSpec(_Model):
+    """What each worker pod gets."""
+
+    model_config = _Model.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.gpuType) || self.gpus > 0",
+                    "message": "resources.gpuType needs resources.gpus > 0",
+                    "fieldPath": ".gpuType",
+                }
+            ]
+        }
+    }
+
+    gpus: int = Field(0, ge=0, le=16, description="GPUs per worker (nvidia.com/gpu).")
+    gpu_type: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$",
+        description="Value of the node's GPU product label (operator setting gpuTypeLabel, "
+        "default nvidia.com/gpu.product), e.g. NVIDIA-A100-SXM4-80GB.",
+    )
+    cpu: str = Field("2", pattern=_QUANTITY, description="CPU request and limit per worker (quantity).")
+    memory: str = Field("8Gi", pattern=_QUANTITY, description="Memory request and limit per worker (quantity).")
+    ephemeral_storage: str | None = Field(
+        None, pattern=_QUANTITY, description="Local scratch for model and checkpoint staging (quantity)."
+    )
+    workers: int = Field(1, ge=1, le=64, description="Trainer pods; ranks talk over torch.distributed.")
+
+
+class CapacitySpec(_Model):
+    """Which kind of nodes to run on, and how many preemptions to absorb."""
+
+    model_config = _Model.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.policy != 'on-demand' || !self.fallbackToOnDemand",
+                    "message": "capacity.fallbackToOnDemand only applies to spot policies",
+                    "fieldPath": ".fallbackToOnDemand",
+                }
+            ]
+        }
+    }
+
+    policy: Literal["spot", "on-demand", "spot-preferred"] = Field(
+        "spot-preferred",
+        description="spot: only spot nodes; on-demand: never spot; spot-preferred: spot when there is room.",
+    )
+    max_preemptions: int = Field(
+        10, ge=0, le=1000, description="Preemptions absorbed before the job fails (or falls back)."
+    )
+    fallback_to_on_demand: bool = Field(
+        False, description="After maxPreemptions, continue on on-demand nodes instead of failing."
+    )
+
+
+class RunPolicy(_Model):
+    """Lifecycle limits (batch/v1 Job semantics)."""
+
+    backoff_limit: int = Field(
+        3, ge=0, le=100, description="Retries after infrastructure failures (preemptions do not count)."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the job when it has been active this long (since start)."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the finished job (not its S3 data) after this many seconds."
+    )
+    suspend: bool = Field(False, description="Deletes running pods (checkpointing first); resumes when false.")
+
+
+class PodOverrides(_Model):
+    """Pass-through to the trainer pods."""
+
+    image: str | None = Field(None, min_length=1, max_length=512, description="Trainer image (default: operator setting).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    env: list[K8sObject] | None = Field(None, description="Extra env vars (core/v1 EnvVar).")
+    node_selector: dict[str, str] | None = None
+    tolerations: list[K8sObject] | None = None
+    affinity: K8sObject | None = None
+    priority_class_name: str | None = Field(None, max_length=253)
+    service_account_name: str | None = Field(None, max_length=253)
+    termination_grace_period_seconds: int = Field(
+        60, ge=5, le=3600, description="Time for the final checkpoint after SIGTERM (spot notices give ~30-120 s)."
+    )
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class FineTuneJobSpec(_Model):
+    """A fine-tuning run: model, data, method, resources, spot policy, storage."""
+
+    model_config = _Model.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.method != 'qlora' || (has(self.resources) && self.resources.gpus > 0)",
+                    "message": "method qlora needs resources.gpus > 0 (bitsandbytes 4-bit runs on GPUs only)",
+                    "fieldPath": ".method",
+                },
+                {
+                    "rule": "!has(self.training.deepspeed) || self.training.deepspeed == 'none' || "
+                    "(has(self.resources) && self.resources.gpus > 0)",
+                    "message": "training.deepspeed needs resources.gpus > 0",
+                    "fieldPath": ".training.deepspeed",
+                },
+                {
+                    "rule": "has(self.training.maxSteps) || has(self.training.epochs)",
+                    "message": "set training.maxSteps or training.epochs",
+                    "fieldPath": ".training",
+                },
+            ]
+        }
+    }
+
+    base_model: ModelSpec
+    dataset: DatasetSpec
+    method: Method = Field("lora", description="lora | qlora | full.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Used by lora and qlora.")
+    training: TrainingSpec
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    capacity: CapacitySpec = Field(default_factory=CapacitySpec)
+    checkpoints: CheckpointSpec
+    output: OutputSpec
+    s3: S3Spec = Field(default_factory=S3Spec)
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    pod: PodOverrides = Field(default_factory=PodOverrides)
+
+
+# ---- status -------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class Progress(_Model):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    progress_percentage: int | None = None
+    estimated_remaining_seconds: int | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    resumed_from_step: int | None = None
+    update_time: str | None = None
+
+
+class Cost(_Model):
+    gpu_hours: float = 0.0
+    estimated_usd: str = Field("0.00", description="Decimal string, e.g. 12.34.")
+    spot_gpu_hours: float = 0.0
+
+
+class WorkerStatus(_Model):
+    name: str
+    rank: int
+    phase: str
+    node: str | None = None
+    capacity_type: str | None = None
+
+
+class FineTuneJobStatus(_Model):
+    phase: Phase | None = None
+    message: str | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    attempt: int | None = Field(None, description="Current set of pods (0-based).")
+    preemptions: int | None = None
+    restarts: int | None = Field(None, description="Restarts after non-preemption failures.")
+    on_demand_fallback: bool | None = None
+    progress: Progress | None = None
+    last_checkpoint: CheckpointRef | None = None
+    output_uri: str | None = None
+    cost: Cost | None = None
+    workers: list[WorkerStatus] | None = None
+
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Model", "type": "string", "jsonPath": ".spec.baseModel.uri"},
+    {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
+    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.progressPercentage", "description": "percent"},
+    {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions"},
+    {"name": "Cost", "type": "string", "jsonPath": ".status.cost.estimatedUsd", "description": "estimated USD"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
