@@ -10,4 +10,5 @@ for sub in ("operator", "trainer"):  # importable without an install too
 pytest_plugins = [
     "tests.fixtures.minio",
     "tests.fixtures.control_plane",
+    "tests.fixtures.tiny_model",
 ]

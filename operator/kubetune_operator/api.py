@@ -200,13 +200,15 @@ class Progress(_Model):
 
 class Cost(_Model):
     gpu_hours: float = 0.0
-    estimated_usd: str = Field("0.00", description="Decimal string, e.g. 12.34.")
     spot_gpu_hours: float = 0.0
+    estimated_usd: str = Field("0.00", description="Decimal string, e.g. 12.34.")
+    accrued_until: str | None = Field(None, description="Cost is accrued up to this time (RFC 3339).")
 
 
 class WorkerStatus(_Model):
     name: str
     rank: int
+    attempt: int
     phase: str
     node: str | None = None
     capacity_type: str | None = None

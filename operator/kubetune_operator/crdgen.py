@@ -80,7 +80,8 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _object_defaults(model: type[BaseModel], node: dict[str, Any]) -> None:
-    """Sub-objects made by default_factory default to {} so the API server fills their fields."""
+    """Sub-objects made by default_factory default to their full default value, so CEL rules see
+    every field of an omitted object (the API server does not default inside a default)."""
     for name, field in model.model_fields.items():
         alias = field.alias or name
         sub = node.get("properties", {}).get(alias)
@@ -89,7 +90,7 @@ def _object_defaults(model: type[BaseModel], node: dict[str, Any]) -> None:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if field.default_factory is not None:
-                sub["default"] = {}
+                sub["default"] = field.default_factory().to_json_dict()
             _object_defaults(annotation, sub)
         elif field.default_factory is not None and "default" not in sub:
             sub["default"] = field.default_factory()

@@ -30,6 +30,8 @@ ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
 ENV_POD_NAME = "KUBETUNE_POD_NAME"
 ENV_NODE_NAME = "KUBETUNE_NODE_NAME"
+ENV_ATTEMPT = "KUBETUNE_ATTEMPT"  # 0-based; bumped for each new set of pods (after a preemption)
+ENV_METRICS_PORT = "KUBETUNE_METRICS_PORT"
 # S3 credentials come from the user's Secret through these standard names (boto3 reads them).
 ENV_S3_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
 ENV_S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
@@ -37,6 +39,40 @@ ENV_S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
 METRICS_PORT = 9400  # trainer's HTTP port: /metrics (Prometheus) and /progress (ProgressRecord JSON)
 RENDEZVOUS_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"  # the final ProgressRecord, read by the operator
+
+# pvc://claim/path URIs: the operator mounts claim <claim> (read-only) at PVC_MOUNT_ROOT/<claim>,
+# and the trainer reads <path> below it.
+PVC_MOUNT_ROOT = "/mnt/kubetune/pvc"
+
+
+def pvc_claim(uri: str) -> str | None:
+    """The PersistentVolumeClaim named by a pvc://claim/path URI, else None."""
+    if not uri.startswith("pvc://"):
+        return None
+    claim = uri[len("pvc://"):].split("/", 1)[0]
+    return claim or None
+
+
+def local_path_for_uri(uri: str, pvc_root: str = PVC_MOUNT_ROOT) -> str | None:
+    """Where the trainer finds `uri` on its own filesystem, or None when it is not local.
+
+    pvc://claim/a/b -> <pvc_root>/claim/a/b; file:///x -> /x; an absolute path stays itself;
+    s3:// URIs and hub ids (org/name) -> None. Pure: no filesystem access.
+    """
+    if uri.startswith("pvc://"):
+        claim = pvc_claim(uri)
+        if claim is None:
+            return None
+        rest = uri[len("pvc://") + len(claim):].strip("/")
+        parts = [p for p in rest.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            return None  # never escape the claim's mount
+        return "/".join([pvc_root.rstrip("/"), claim, *parts])
+    if uri.startswith("file://"):
+        return uri[len("file://"):] or None
+    if uri.startswith("/"):
+        return uri
+    return None
 
 
 class ExitCode(enum.IntEnum):
@@ -196,12 +232,11 @@ class S3Spec(_Model):
 
 
 class JobRef(_Model):
-    """Which FineTuneJob (and which attempt of it) a trainer works for."""
+    """Which FineTuneJob a trainer works for (the attempt number comes in ENV_ATTEMPT)."""
 
     name: str
     namespace: str
     uid: str
-    attempt: int = Field(ge=0, description="0-based; bumped for each new set of pods.")
 
 
 class TrainerConfig(_Model):

@@ -1,0 +1,63 @@
+"""GPU-hours and estimated USD, accrued in the job's status while its pods hold nodes. Pure."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+if TYPE_CHECKING:  # import cycle: decide imports cost
+    from .api import ResourcesSpec
+    from .decide import NodeView, PodView
+    from .settings import Settings
+
+_CPU = re.compile(r"^([0-9.]+)(m?)$")
+
+
+def cpu_cores(quantity: str) -> float:
+    m = _CPU.match(quantity.strip())
+    if not m:
+        return 1.0  # exotic quantity forms: count one core rather than fail a status update
+    value = float(m.group(1))
+    return value / 1000 if m.group(2) else value
+
+
+def price_per_hour(settings: "Settings", node: "NodeView | None", resources: "ResourcesSpec") -> float:
+    """USD per hour for one worker on `node` (spot or on-demand price of its GPU type)."""
+    capacity = node.capacity_type if node else "on-demand"
+    if resources.gpus:
+        gpu_type = (node.gpu_type if node else None) or resources.gpu_type or "default"
+        table = settings.gpu_prices.get(gpu_type) or settings.gpu_prices["default"]
+        return resources.gpus * table.get(capacity, table["on-demand"])
+    return cpu_cores(resources.cpu) * settings.cpu_hour_price
+
+
+def accrue(
+    cost: dict[str, Any] | None,
+    running: Iterable["PodView"],
+    nodes: dict[str, "NodeView"],
+    resources: "ResourcesSpec",
+    price: Callable[["NodeView | None", "ResourcesSpec"], float],
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """Add the time since `accruedUntil` for every running worker. Idempotent for a given `now`."""
+    from .decide import parse_time, rfc3339
+
+    now = now.replace(microsecond=0)  # accruedUntil has second resolution; stay consistent with it
+    cost = dict(cost or {})
+    since = parse_time(cost.get("accruedUntil")) or now
+    hours = max(0.0, (now - since).total_seconds() / 3600)
+    usd = float(cost.get("estimatedUsd", "0") or 0)
+    gpu_hours = float(cost.get("gpuHours", 0.0))
+    spot_gpu_hours = float(cost.get("spotGpuHours", 0.0))
+    for pod in running:
+        node = nodes.get(pod.node or "")
+        usd += hours * price(node, resources)
+        gpu_hours += hours * resources.gpus
+        if node is not None and node.capacity_type == "spot":
+            spot_gpu_hours += hours * resources.gpus
+    return {
+        "gpuHours": round(gpu_hours, 6),
+        "spotGpuHours": round(spot_gpu_hours, 6),
+        "estimatedUsd": f"{usd:.4f}",
+        "accruedUntil": rfc3339(now),
+    }

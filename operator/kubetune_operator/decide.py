@@ -1,0 +1,457 @@
+"""The reconcile decision: observed state in, actions out. Pure; no I/O, no clock reads.
+
+One FineTuneJob runs as a sequence of *attempts*; each attempt is a set of worker pods named
+`<job>-a<attempt>-w<rank>`. An attempt ends in success, a preemption (the next attempt resumes
+from the last checkpoint), a user error (the job fails, no retry) or an infrastructure failure
+(retried up to runPolicy.backoffLimit). The attempt counter and the preemption/restart counters
+move together in one status write, before any pod of the next attempt is created, so a restart
+of the operator at any point neither double-counts nor duplicates pods.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kubetune_trainer.config import ExitCode, ProgressRecord
+
+from . import api
+from .cost import accrue
+from .render import pod_name
+
+Outcome = Literal["pending", "running", "succeeded", "preempted", "user_error", "failed"]
+
+# pod.status.reason values the kubelet/controllers use when a pod is killed for reasons outside
+# the trainer: all mean "the node went away or reclaimed its resources", i.e. a preemption.
+PREEMPTION_POD_REASONS = {"Evicted", "Preempting", "NodeShutdown", "Terminated", "NodeLost", "Shutdown", "DeletionByPodGC"}
+# DisruptionTarget condition reasons (Kubernetes >= 1.26) that a spot reclaim or drain produces.
+WAITING_PROBLEMS = {
+    "ErrImagePull": "ImagePullFailed",
+    "ImagePullBackOff": "ImagePullFailed",
+    "InvalidImageName": "InvalidImage",
+    "CreateContainerConfigError": "ContainerConfigError",
+    "CreateContainerError": "ContainerConfigError",
+}
+PERMANENT_WAITING = {"InvalidImage"}
+POLL_SECONDS = 10.0
+STATUS_KEYS = {f.alias or n for n, f in api.FineTuneJobStatus.model_fields.items()}
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the decision needs to know of one worker pod."""
+
+    name: str
+    attempt: int
+    rank: int
+    phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
+    deleting: bool = False
+    node: str | None = None
+    ip: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None  # container terminated reason, else pod.status.reason
+    message: str | None = None  # termination message (the trainer's final ProgressRecord) or pod message
+    disruption: str | None = None  # DisruptionTarget condition reason
+    unschedulable: str | None = None  # PodScheduled=False message
+    waiting_reason: str | None = None
+    waiting_message: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    capacity_type: str  # "spot" | "on-demand"
+    gpu_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    job: dict[str, Any]  # metadata + status as read
+    spec: api.FineTuneJobSpec | None
+    now: dt.datetime
+    pods: tuple[PodView, ...] = ()
+    nodes: dict[str, NodeView] = field(default_factory=dict)
+    spec_error: str | None = None  # spec that passed the schema but not the models (version skew)
+    preflight_problem: tuple[str, str] | None = None  # (reason, message): missing Secret, unreachable S3
+    gpu_type_known: bool | None = None  # None: not checked
+    progress: ProgressRecord | None = None  # polled from the running rank 0
+    gpu_price: Any = None  # callable(node: NodeView | None, gpus: int) -> USD/hour; see cost.price_per_hour
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    ensure_config: bool = False
+    create_pods: list[tuple[int, int]] = field(default_factory=list)  # (attempt, rank)
+    master_addr: str = ""
+    on_demand: bool = False
+    delete_pods: list[str] = field(default_factory=list)
+    delete_job: bool = False
+    events: list[Event] = field(default_factory=list)
+
+
+def rfc3339(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: str | None) -> dt.datetime | None:
+    if not s:
+        return None
+    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def set_condition(status: dict[str, Any], ctype: str, value: bool, reason: str, message: str, now: dt.datetime, generation: int | None) -> bool:
+    """Upsert a condition; lastTransitionTime changes only when the status flips. True if it flipped."""
+    conditions = status.setdefault("conditions", [])
+    new_status = "True" if value else "False"
+    for cond in conditions:
+        if cond["type"] == ctype:
+            flipped = cond["status"] != new_status
+            if flipped:
+                cond["lastTransitionTime"] = rfc3339(now)
+            cond.update(status=new_status, reason=reason, message=message, observedGeneration=generation)
+            return flipped
+    conditions.append(
+        {"type": ctype, "status": new_status, "reason": reason, "message": message,
+         "lastTransitionTime": rfc3339(now), "observedGeneration": generation}
+    )
+    return True
+
+
+def condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c["type"] == ctype), None)
+
+
+def classify(pod: PodView) -> Outcome:
+    """Why a worker pod is where it is. Deletion we did not ask for counts as a preemption:
+    the operator only deletes pods of attempts it has already ended."""
+    if pod.phase == "Succeeded":
+        return "succeeded"
+    if pod.exit_code == ExitCode.PREEMPTED or pod.disruption or pod.deleting:
+        return "preempted"
+    if pod.phase == "Failed":
+        if pod.reason in PREEMPTION_POD_REASONS:
+            return "preempted"
+        if pod.exit_code == ExitCode.USER_ERROR:
+            return "user_error"
+        return "failed"
+    if pod.phase == "Running":
+        return "running"
+    return "pending"
+
+
+def _trainer_message(pod: PodView) -> str:
+    """The trainer's own words (its final ProgressRecord's message) or what Kubernetes said."""
+    if pod.message:
+        try:
+            record = ProgressRecord.model_validate_json(pod.message)
+            if record.message:
+                return record.message
+        except ValueError:
+            return pod.message.strip()[-1024:]
+    bits = [f"exit code {pod.exit_code}" if pod.exit_code is not None else None, pod.reason]
+    return f"worker {pod.name}: " + ", ".join(b for b in bits if b)
+
+
+def _finish(st: dict[str, Any], obs: Observed, d: Decision, ok: bool, reason: str, message: str, alive: list[PodView]) -> None:
+    gen = obs.job["metadata"].get("generation")
+    st["phase"] = "Succeeded" if ok else "Failed"
+    st["message"] = message
+    st["completionTime"] = rfc3339(obs.now)
+    set_condition(st, "Succeeded" if ok else "Failed", True, reason, message, obs.now, gen)
+    set_condition(st, "Running", False, reason, message, obs.now, gen)
+    d.delete_pods += [p.name for p in alive if not p.deleting]
+    d.events.append(Event("Normal" if ok else "Warning", reason, message))
+
+
+def _end_attempt(st: dict[str, Any], obs: Observed, d: Decision, attempt: int, alive: list[PodView]) -> Decision:
+    """Close this attempt in status. When none of its pods still runs (their final checkpoint is
+    durable), start the next attempt in the same decision: recovery must not wait for a timer."""
+    st["attempt"] = attempt + 1
+    st["phase"] = "Restarting"
+    st.pop("workers", None)
+    d.delete_pods += [p.name for p in alive if not p.deleting]
+    if alive or obs.spec is None or obs.spec.run_policy.suspend:
+        st["message"] = f"waiting for {len(alive)} pod(s) of attempt {attempt} to stop (final checkpoint)"
+        return d
+    return _start_attempt(st, obs, d, attempt + 1, [])
+
+
+def _progress(st: dict[str, Any], record: ProgressRecord, now: dt.datetime) -> None:
+    prog = {
+        "step": record.step,
+        "totalSteps": record.total_steps,
+        "epoch": record.epoch,
+        "progressPercentage": record.progress_percentage,
+        "estimatedRemainingSeconds": record.estimated_remaining_seconds,
+        "loss": record.loss,
+        "evalLoss": record.eval_loss,
+        "tokensPerSecond": record.tokens_per_second,
+        "resumedFromStep": record.resumed_from_step,
+        "updateTime": rfc3339(now),
+    }
+    st["progress"] = {k: v for k, v in prog.items() if v is not None}
+    if record.last_checkpoint:
+        st["lastCheckpoint"] = record.last_checkpoint.to_json_dict()
+    if record.output_uri:
+        st["outputUri"] = record.output_uri
+
+
+def decide(obs: Observed) -> Decision:
+    meta = obs.job["metadata"]
+    gen = meta.get("generation")
+    st: dict[str, Any] = copy.deepcopy(obs.job.get("status") or {})
+    for key in [k for k in st if k not in STATUS_KEYS]:
+        st.pop(key)  # kopf's bookkeeping and anything undeclared: never write it back
+    st["observedGeneration"] = gen
+    st.setdefault("attempt", 0)
+    st.setdefault("preemptions", 0)
+    st.setdefault("restarts", 0)
+    d = Decision(status=st)
+    now = obs.now
+    attempt = max([st["attempt"], *(p.attempt for p in obs.pods)])
+    st["attempt"] = attempt
+    current = sorted((p for p in obs.pods if p.attempt == attempt), key=lambda p: p.rank)
+    older_alive = [p for p in obs.pods if p.attempt < attempt and p.phase not in ("Succeeded", "Failed")]
+    alive = [p for p in current if p.phase not in ("Succeeded", "Failed")]
+
+    # Cost accrues for every pod that holds a node, whatever the phase says next.
+    if obs.spec is not None and obs.gpu_price is not None:
+        st["cost"] = accrue(st.get("cost"), [p for p in obs.pods if p.node and p.phase == "Running"],
+                            obs.nodes, obs.spec.resources, obs.gpu_price, now)
+
+    if st.get("phase") in ("Succeeded", "Failed"):
+        # Finished: never recreate children; stop stragglers; honour the TTL.
+        d.delete_pods = [p.name for p in obs.pods if p.phase not in ("Succeeded", "Failed") and not p.deleting]
+        ttl = obs.spec.run_policy.ttl_seconds_after_finished if obs.spec else None
+        done = parse_time(st.get("completionTime"))
+        if ttl is not None and done is not None and (now - done).total_seconds() >= ttl:
+            d.delete_job = True
+        return d
+
+    if obs.spec is None:
+        _finish(st, obs, d, False, "InvalidSpec", obs.spec_error or "spec could not be read", alive)
+        return d
+    spec = obs.spec
+    if obs.progress is not None:
+        _progress(st, obs.progress, now)
+
+    # Suspend: stop the pods (they checkpoint on SIGTERM); the next attempt resumes.
+    if spec.run_policy.suspend:
+        if alive:
+            _end_attempt(st, obs, d, attempt, alive)
+            d.events.append(Event("Normal", "Suspended", f"deleting {len(alive)} worker pod(s); they checkpoint first"))
+        st["phase"] = "Suspended"
+        st["message"] = "suspended (spec.runPolicy.suspend)"
+        set_condition(st, "Suspended", True, "Suspended", "spec.runPolicy.suspend is true", now, gen)
+        set_condition(st, "Running", False, "Suspended", "suspended", now, gen)
+        return d
+    if condition(st, "Suspended") and condition(st, "Suspended")["status"] == "True":
+        set_condition(st, "Suspended", False, "Resumed", "spec.runPolicy.suspend is false", now, gen)
+        d.events.append(Event("Normal", "Resumed", "resuming from the last checkpoint"))
+        st["phase"] = "Pending"
+
+    deadline = spec.run_policy.active_deadline_seconds
+    started = parse_time(st.get("startTime"))
+    if deadline and started and (now - started).total_seconds() >= deadline:
+        _finish(st, obs, d, False, "DeadlineExceeded", f"job was active longer than activeDeadlineSeconds={deadline}", alive + older_alive)
+        return d
+
+    st.setdefault("phase", "Pending")
+    if not current:
+        return _start_attempt(st, obs, d, attempt, older_alive)
+
+    # Pods the job recorded as created but that are gone: deleted with their node (spot reclaim).
+    # ("Creating" entries were never seen running: a failed create is retried, not a preemption.)
+    recorded = {w["name"] for w in st.get("workers") or [] if w.get("attempt") == attempt and w.get("phase") != "Creating"}
+    vanished = sorted(recorded - {p.name for p in current})
+    outcomes = {p.name: classify(p) for p in current}
+    for name in vanished:
+        outcomes[name] = "preempted"
+    workers = spec.resources.workers
+
+    if len(current) == workers and all(o == "succeeded" for o in outcomes.values()) and not vanished:
+        if obs.progress is None:
+            final = _final_record(current[0])
+            if final:
+                _progress(st, final, now)
+        msg = f"fine-tuning finished after {st['preemptions']} preemption(s)"
+        if st.get("outputUri"):
+            msg += f"; output at {st['outputUri']}"
+        st.setdefault("progress", {})["progressPercentage"] = 100
+        st["progress"]["estimatedRemainingSeconds"] = 0
+        _finish(st, obs, d, True, "Succeeded", msg, alive)
+        return d
+
+    ended = [(n, o) for n, o in outcomes.items() if o in ("preempted", "user_error", "failed")]
+    if ended:
+        by_name = {p.name: p for p in current}
+        for p in current:  # the trainer's last words carry resumable progress
+            final = _final_record(p) if p.rank == 0 else None
+            if final and obs.progress is None:
+                _progress(st, final, now)
+        kinds = {o for _, o in ended}
+        if "user_error" in kinds:
+            name = next(n for n, o in ended if o == "user_error")
+            _finish(st, obs, d, False, "TrainerUserError", _trainer_message(by_name[name]), alive)
+            return d
+        if "preempted" in kinds:
+            name = next(n for n, o in ended if o == "preempted")
+            pod = by_name.get(name)
+            how = "pod deleted with its node" if pod is None else (pod.disruption or pod.reason or ("deleted" if pod.deleting else "SIGTERM"))
+            st["preemptions"] += 1
+            message = f"worker {name} preempted ({how}); preemption {st['preemptions']} of at most {spec.capacity.max_preemptions}"
+            if st.get("lastCheckpoint"):
+                message += f"; resuming from step {st['lastCheckpoint']['step']}"
+            set_condition(st, "Preempted", True, "Preempted", message, now, gen)
+            d.events.append(Event("Warning", "Preempted", message))
+            if st["preemptions"] > spec.capacity.max_preemptions:
+                if spec.capacity.fallback_to_on_demand and spec.capacity.policy != "on-demand" and not st.get("onDemandFallback"):
+                    st["onDemandFallback"] = True
+                    d.events.append(Event("Warning", "FallbackToOnDemand",
+                                          f"{st['preemptions']} preemptions > maxPreemptions; continuing on on-demand nodes"))
+                elif not (st.get("onDemandFallback") and spec.capacity.fallback_to_on_demand):
+                    _finish(st, obs, d, False, "TooManyPreemptions",
+                            f"{st['preemptions']} preemptions > capacity.maxPreemptions={spec.capacity.max_preemptions}", alive)
+                    return d
+            return _end_attempt(st, obs, d, attempt, alive)
+        name = next(n for n, o in ended if o == "failed")
+        st["restarts"] += 1
+        why = _trainer_message(by_name[name])
+        if st["restarts"] > spec.run_policy.backoff_limit:
+            _finish(st, obs, d, False, "BackoffLimitExceeded",
+                    f"{st['restarts']} failures > runPolicy.backoffLimit={spec.run_policy.backoff_limit}; last: {why}", alive)
+            return d
+        d.events.append(Event("Warning", "WorkerFailed", f"{why}; restart {st['restarts']} of {spec.run_policy.backoff_limit}"))
+        set_condition(st, "Running", False, "WorkerFailed", why, now, gen)
+        return _end_attempt(st, obs, d, attempt, alive)
+
+    # Still going: start the remaining ranks once rank 0 has an address.
+    missing_ranks = sorted(set(range(workers)) - {p.rank for p in current})
+    rank0 = next((p for p in current if p.rank == 0), None)
+    if missing_ranks and rank0 is not None and rank0.ip:
+        d.create_pods = [(attempt, r) for r in missing_ranks]
+        d.master_addr = rank0.ip
+        d.on_demand = bool(st.get("onDemandFallback"))
+    _observe_running(st, obs, d, current)
+    return d
+
+
+def _final_record(pod: PodView) -> ProgressRecord | None:
+    if not pod.message:
+        return None
+    try:
+        return ProgressRecord.model_validate_json(pod.message)
+    except ValueError:
+        return None
+
+
+def _start_attempt(st: dict[str, Any], obs: Observed, d: Decision, attempt: int, older_alive: list[PodView]) -> Decision:
+    gen = obs.job["metadata"].get("generation")
+    now = obs.now
+    if obs.preflight_problem:
+        reason, message = obs.preflight_problem
+        if set_condition(st, "Ready", False, reason, message, now, gen):
+            d.events.append(Event("Warning", reason, message))
+        st["message"] = message
+        return d
+    set_condition(st, "Ready", True, "PreflightPassed", "Secret and S3 endpoint look usable", now, gen)
+    if older_alive:
+        # The previous attempt's pods are still writing their final checkpoint: wait for them.
+        d.delete_pods += [p.name for p in older_alive if not p.deleting]
+        st["message"] = f"waiting for {len(older_alive)} pod(s) of the previous attempt to stop"
+        return d
+    d.ensure_config = True
+    d.create_pods = [(attempt, 0)]  # rank > 0 follows once rank 0 has an IP (MASTER_ADDR)
+    d.on_demand = bool(st.get("onDemandFallback"))
+    st["workers"] = [{"name": _pod_name(obs, attempt, 0), "rank": 0, "phase": "Creating", "attempt": attempt}]
+    what = "created trainer pod" if attempt == 0 else f"created trainer pod for attempt {attempt} (resumes from the last checkpoint)"
+    set_condition(st, "Created", True, "PodsCreated", what, now, gen)
+    d.events.append(Event("Normal", "PodsCreated", f"{what}: {_pod_name(obs, attempt, 0)}"))
+    st["message"] = what
+    return d
+
+
+def _pod_name(obs: Observed, attempt: int, rank: int) -> str:
+    return pod_name(obs.job["metadata"]["name"], attempt, rank)
+
+
+def _observe_running(st: dict[str, Any], obs: Observed, d: Decision, current: list[PodView]) -> None:
+    gen = obs.job["metadata"].get("generation")
+    now = obs.now
+    spec = obs.spec
+    assert spec is not None
+    st["workers"] = [
+        {k: v for k, v in {
+            "name": p.name, "rank": p.rank, "phase": p.phase, "node": p.node, "attempt": p.attempt,
+            "capacityType": obs.nodes[p.node].capacity_type if p.node in obs.nodes else None,
+        }.items() if v is not None}
+        for p in current
+    ]
+    # Pods we are about to create count as recorded too, so their disappearance is noticed.
+    for attempt, rank in d.create_pods:
+        st["workers"].append({"name": _pod_name(obs, attempt, rank), "rank": rank, "phase": "Creating", "attempt": attempt})
+
+    problems = []
+    for p in current:
+        if p.unschedulable:
+            reason = "Unschedulable"
+            msg = f"{p.name}: {p.unschedulable}"
+            if spec.resources.gpu_type and obs.gpu_type_known is False:
+                reason = "UnknownGPUType"
+                msg = (f"no node has GPU type {spec.resources.gpu_type!r} (resources.gpuType); waiting for such a "
+                       f"node to join. Scheduler: {p.unschedulable}")
+            elif spec.capacity.policy == "spot":
+                msg += " (capacity.policy is spot: only spot nodes qualify)"
+            problems.append(("Scheduled", reason, msg))
+        if p.waiting_reason in WAITING_PROBLEMS:
+            problems.append(("Running", WAITING_PROBLEMS[p.waiting_reason], f"{p.name}: {p.waiting_reason}: {p.waiting_message or ''}".strip()))
+
+    scheduled_problem = next((pr for pr in problems if pr[0] == "Scheduled"), None)
+    if scheduled_problem:
+        if set_condition(st, "Scheduled", False, scheduled_problem[1], scheduled_problem[2], now, gen):
+            d.events.append(Event("Warning", scheduled_problem[1], scheduled_problem[2]))
+        st["message"] = scheduled_problem[2]
+    elif all(p.node for p in current):
+        set_condition(st, "Scheduled", True, "Scheduled", "all workers have a node", now, gen)
+
+    running_problem = next((pr for pr in problems if pr[0] == "Running"), None)
+    if running_problem and running_problem[1] in PERMANENT_WAITING:
+        _finish(st, obs, d, False, running_problem[1], running_problem[2], [p for p in current if p.phase != "Failed"])
+        return
+    if running_problem:
+        if set_condition(st, "Running", False, running_problem[1], running_problem[2], now, gen):
+            d.events.append(Event("Warning", running_problem[1], running_problem[2]))
+        st["message"] = running_problem[2]
+    elif len(current) == spec.resources.workers and all(p.phase == "Running" for p in current):
+        st.setdefault("startTime", rfc3339(now))
+        if st.get("phase") != "Running":
+            d.events.append(Event("Normal", "Running", f"{len(current)} worker(s) running (attempt {current[0].attempt})"))
+        st["phase"] = "Running"
+        st["message"] = "training"
+        set_condition(st, "Running", True, "Running", "all workers are running", now, gen)
+        if condition(st, "Preempted") and condition(st, "Preempted")["status"] == "True":
+            set_condition(st, "Preempted", False, "Resumed", "running again after the last preemption", now, gen)
+
+
+def pod_rejected(status: dict[str, Any], message: str, permanent: bool, now: dt.datetime, generation: int | None) -> dict[str, Any]:
+    """Status after the API server refused a trainer pod: invalid pass-through fields fail the
+    job (retrying cannot help); a quota refusal (403) keeps it Pending with the reason."""
+    st = {k: v for k, v in copy.deepcopy(status).items() if k in STATUS_KEYS}
+    text = f"the API server rejected the trainer pod: {message}"
+    if permanent:
+        st.update(phase="Failed", message=text, completionTime=rfc3339(now))
+        set_condition(st, "Failed", True, "PodRejected", text, now, generation)
+    else:
+        st.update(phase=st.get("phase") or "Pending", message=text)
+        set_condition(st, "Ready", False, "PodRejected", text, now, generation)
+    st.pop("workers", None)
+    return st

@@ -1,0 +1,251 @@
+"""kopf adapters: turn watch events into `reconcile()` calls. No decisions here (see decide.py).
+
+Level-triggered: every event of a FineTuneJob or of one of its pods, and a periodic sweep (which
+also polls trainer progress, accrues cost, and enforces deadlines and TTLs), runs the same
+observe -> decide -> act pass. kopf indexes keep pods and nodes in memory, so observing costs
+no API reads beyond one GET of the job. No timers/daemons and no change-detection handlers:
+kopf would add finalizers and annotations to users' jobs, and a job must stay deletable when
+the operator is gone.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+from typing import Any
+
+import kopf
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from kubetune_trainer.config import METRICS_PORT, ProgressRecord
+
+from . import api, metrics, render
+from .cost import price_per_hour
+from .decide import Decision, NodeView, Observed, PodView, decide, pod_rejected
+from .kube import Kube, fetch_progress, s3_endpoint_problem
+from .observe import node_view, pod_view
+from .settings import Settings
+
+log = logging.getLogger("kubetune.operator")
+SETTINGS = Settings.from_env()
+_kube: Kube | None = None
+_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+
+def kube() -> Kube:
+    global _kube
+    if _kube is None:
+        _kube = Kube()
+    return _kube
+
+
+# ---- indexes: in-memory views that kopf fills before any handler runs --------------------
+
+@kopf.index("pods", labels={render.LABEL_JOB_UID: kopf.PRESENT})
+def pods_by_job(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, PodView]:
+    return {labels[render.LABEL_JOB_UID]: pod_view(body)}
+
+
+@kopf.index("nodes")
+def nodes_by_name(body: kopf.Body, name: str, **_: Any) -> dict[str, NodeView]:
+    return {name: node_view(body, SETTINGS)}
+
+
+@kopf.index(api.GROUP, api.VERSION, api.PLURAL)
+def jobs_by_key(namespace: str, name: str, **_: Any) -> dict[tuple[str, str], bool]:
+    return {(namespace, name): True}
+
+
+# ---- the one pass ---------------------------------------------------------------------------
+
+def _parse_spec(job: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, str | None]:
+    try:
+        return api.FineTuneJobSpec.model_validate(job.get("spec") or {}), None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "spec." + ".".join(str(p) for p in first["loc"])
+        return None, f"{where}: {first['msg']} (the CRD installed may be older than the operator)"
+
+
+def _observe(job: dict[str, Any], pods: tuple[PodView, ...], nodes: dict[str, NodeView], poll: bool) -> Observed:
+    spec, error = _parse_spec(job)
+    now = dt.datetime.now(dt.timezone.utc)
+    preflight = None
+    gpu_known = None
+    progress = None
+    current_attempt = max([(job.get("status") or {}).get("attempt") or 0, *(p.attempt for p in pods)])
+    starting = spec is not None and not any(p.attempt == current_attempt for p in pods)
+    if starting and spec is not None:
+        if spec.s3.credentials_secret:
+            preflight = kube().secret_problem(job["metadata"]["namespace"], spec.s3.credentials_secret)
+        if preflight is None and SETTINGS.preflight_s3_endpoint:
+            preflight = s3_endpoint_problem(spec.s3.endpoint)
+    if spec is not None and spec.resources.gpu_type:
+        gpu_known = any(n.gpu_type == spec.resources.gpu_type for n in nodes.values())
+    if poll:
+        rank0 = next((p for p in pods if p.attempt == current_attempt and p.rank == 0 and p.phase == "Running" and p.ip), None)
+        if rank0 is not None:
+            raw = fetch_progress(rank0.ip, METRICS_PORT)
+            if raw:
+                try:
+                    progress = ProgressRecord.model_validate(raw)
+                except ValidationError:
+                    log.warning("job %s: trainer sent an unreadable progress record", job["metadata"]["name"])
+    return Observed(
+        job=job, spec=spec, spec_error=error, now=now, pods=pods, nodes=nodes,
+        preflight_problem=preflight, gpu_type_known=gpu_known, progress=progress,
+        gpu_price=lambda node, resources: price_per_hour(SETTINGS, node, resources),
+    )
+
+
+def _act(job: dict[str, Any], spec: api.FineTuneJobSpec | None, d: Decision) -> None:
+    k = kube()
+    meta = job["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    if d.status != (job.get("status") or {}) or d.create_pods:
+        k.patch_status(job, d.status)  # first: the record of what we are about to create
+    if d.ensure_config and spec is not None:
+        k.ensure_config_map(render.config_map(job, spec))
+    for attempt, rank in d.create_pods:
+        assert spec is not None
+        pod = render.worker_pod(job, spec, SETTINGS, attempt, rank, d.master_addr or "127.0.0.1", d.on_demand)
+        try:
+            created = k.create_pod(pod)
+        except ApiException as e:
+            if e.status not in (400, 403, 422):
+                raise
+            # Something the user wrote (pass-through env/affinity, quota, priority class) made the
+            # API server refuse the pod: say so on the job instead of retrying blindly.
+            fresh = k.get_job(ns, name) or job
+            status = pod_rejected(fresh.get("status") or {}, api_error_message(e), e.status != 403,
+                                  dt.datetime.now(dt.timezone.utc), meta.get("generation"))
+            k.patch_status(fresh, status)
+            kopf.event(job, type="Warning", reason="PodRejected", message=status["message"][:1024])
+            return
+        if created:
+            metrics.PODS_CREATED.labels(ns).inc()
+    for pod_name in d.delete_pods:
+        k.delete_pod(ns, pod_name)
+    for ev in d.events:
+        kopf.event(job, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+        log.info("job=%s/%s event=%s %s", ns, name, ev.reason, ev.message)
+        if ev.reason == "Preempted":
+            metrics.PREEMPTIONS.labels(ns).inc()
+        elif ev.reason == "WorkerFailed":
+            metrics.RESTARTS.labels(ns).inc()
+    if d.delete_job:
+        log.info("job=%s/%s ttlSecondsAfterFinished passed: deleting it", ns, name)
+        k.delete_job(ns, name)
+        metrics.JOBS.forget(ns, name)
+    else:
+        metrics.JOBS.update(ns, name, d.status)
+
+
+def reconcile_once(namespace: str, name: str, pods: tuple[PodView, ...], nodes: dict[str, NodeView], poll: bool) -> None:
+    """GET the job, decide, act. Runs in a worker thread; the caller holds the job's lock."""
+    started = time.perf_counter()
+    job = kube().get_job(namespace, name)
+    if job is None or job["metadata"].get("deletionTimestamp"):
+        metrics.JOBS.forget(namespace, name)
+        return  # owner references take the pods and the ConfigMap with it
+    uid = job["metadata"]["uid"]
+    observed = _observe(job, pods, nodes, poll)
+    decision = decide(observed)
+    _act(job, observed.spec, decision)
+    metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+    log.debug("job=%s/%s uid=%s phase=%s", namespace, name, uid, decision.status.get("phase"))
+
+
+async def reconcile(namespace: str, name: str, uid: str | None, pods_index: kopf.Index, nodes_index: kopf.Index, poll: bool = False) -> None:
+    lock = _locks.setdefault((namespace, name), asyncio.Lock())
+    async with lock:  # one pass per job at a time; snapshots are taken on the loop thread
+        if uid is None:
+            job = await asyncio.to_thread(kube().get_job, namespace, name)
+            if job is None:
+                return
+            uid = job["metadata"]["uid"]
+        pods = tuple(pods_index.get(uid, ()))
+        nodes = {key: next(iter(store)) for key, store in nodes_index.items()}
+        try:
+            await asyncio.to_thread(reconcile_once, namespace, name, pods, nodes, poll)
+        except ApiException as e:
+            metrics.RECONCILE_ERRORS.labels("conflict" if e.status == 409 else "api").inc()
+            if e.status == 409:  # someone wrote the job meanwhile: decide again from the new state
+                await asyncio.to_thread(reconcile_once, namespace, name, tuple(pods_index.get(uid, ())), nodes, poll)
+            else:
+                log.warning("job=%s/%s reconcile failed: %s %s", namespace, name, e.status, e.reason)
+
+
+def api_error_message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body or "{}").get("message") or str(e.reason)
+    except ValueError:
+        return (e.body or str(e.reason))[:800]
+
+
+# ---- kopf wiring ----------------------------------------------------------------------------
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+async def job_event(event: dict[str, Any], namespace: str, name: str, uid: str, pods_by_job: kopf.Index,
+                    nodes_by_name: kopf.Index, **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        metrics.JOBS.forget(namespace, name)
+        _locks.pop((namespace, name), None)
+        return
+    await reconcile(namespace, name, uid, pods_by_job, nodes_by_name)
+
+
+@kopf.on.event("pods", labels={render.LABEL_JOB_UID: kopf.PRESENT})
+async def pod_event(labels: kopf.Labels, namespace: str, pods_by_job: kopf.Index, nodes_by_name: kopf.Index, **_: Any) -> None:
+    await reconcile(namespace, labels[render.LABEL_JOB_NAME], labels[render.LABEL_JOB_UID], pods_by_job, nodes_by_name)
+
+
+async def _sweep(jobs_index: kopf.Index, pods_index: kopf.Index, nodes_index: kopf.Index) -> None:
+    """Every progress_poll_seconds: progress, cost, deadlines and TTLs for every job."""
+    while True:
+        await asyncio.sleep(SETTINGS.progress_poll_seconds)
+        for namespace, name in list(jobs_index):
+            try:
+                await reconcile(namespace, name, None, pods_index, nodes_index, poll=True)
+            except Exception:  # one bad job must not stop the sweep
+                metrics.RECONCILE_ERRORS.labels("sweep").inc()
+                log.exception("job=%s/%s sweep failed", namespace, name)
+
+
+_sweeper: asyncio.Task | None = None
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, jobs_by_key: kopf.Index, pods_by_job: kopf.Index,
+                  nodes_by_name: kopf.Index, **_: Any) -> None:
+    global _sweeper
+    from kubernetes import config as kconfig
+
+    try:
+        kconfig.load_incluster_config()
+    except kconfig.ConfigException:
+        kconfig.load_kube_config()
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.io", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # kopf's own log lines become Events only when they matter
+    settings.execution.max_workers = 32
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 30
+    if SETTINGS.metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(SETTINGS.metrics_port)
+        except OSError as e:  # a second operator in one process (tests) shares the first one's server
+            log.warning("metrics port %s: %s", SETTINGS.metrics_port, e)
+    _sweeper = asyncio.create_task(_sweep(jobs_by_key, pods_by_job, nodes_by_name))
+    log.info("kubetune operator started: %s", SETTINGS.model_dump_json())
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.cancel()

@@ -1,0 +1,37 @@
+"""`kubetune-operator`: run the kopf operator (handlers in kubetune_operator.handlers)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import kopf
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import handlers  # registers the handlers with kopf's default registry
+
+    ap = argparse.ArgumentParser(prog="kubetune-operator", description="Run the kubetune FineTuneJob operator.")
+    ap.add_argument("--namespace", default=handlers.SETTINGS.watch_namespace or None,
+                    help="watch one namespace (default: all; env KUBETUNE_WATCH_NAMESPACE)")
+    ap.add_argument("--log-format", choices=["json", "plain"], default="json")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
+    )
+    liveness = f"http://0.0.0.0:{handlers.SETTINGS.health_port}/healthz" if handlers.SETTINGS.health_port else None
+    asyncio.run(kopf.operator(
+        standalone=True,  # one replica (the chart's Deployment uses the Recreate strategy)
+        clusterwide=args.namespace is None,
+        namespaces=[args.namespace] if args.namespace else (),
+        liveness_endpoint=liveness,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(stream=sys.stdout)
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Pure builders for the objects a FineTuneJob owns: the trainer ConfigMap and worker pods.
+
+Plain pods, not a batch/v1 Job: the operator must classify every pod ending (preemption vs.
+failure), change placement between attempts (spot -> on-demand fallback) and start rank > 0
+only once rank 0 has an address; a Job's pod template is immutable and its retry accounting
+cannot tell a spot reclaim from a crash. See docs/design/operator.md.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from kubetune_trainer import config as tc
+
+from . import api
+from .settings import Settings
+
+LABEL_JOB_NAME = "kubetune.io/job-name"
+LABEL_JOB_UID = "kubetune.io/job-uid"
+LABEL_ATTEMPT = "kubetune.io/attempt"
+LABEL_RANK = "kubetune.io/rank"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/name": "kubetune-trainer"}
+CONTAINER = "trainer"
+PVC_MOUNT_ROOT = "/mnt/kubetune/pvc"
+
+
+def pod_name(job_name: str, attempt: int, rank: int) -> str:
+    """Deterministic, so "get, else create" is idempotent across operator restarts."""
+    return f"{job_name}-a{attempt}-w{rank}"
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-trainer-config"
+
+
+def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": job["metadata"]["name"],
+        "uid": job["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def pvc_claims(spec: api.FineTuneJobSpec) -> list[str]:
+    uris = [spec.base_model.uri, spec.dataset.uri, spec.dataset.validation_uri or ""]
+    return sorted({u[len("pvc://"):].split("/", 1)[0] for u in uris if u.startswith("pvc://")})
+
+
+def local_uri(uri: str | None) -> str | None:
+    """pvc://claim/path -> the path where the pod mounts that claim; other URIs pass through."""
+    if not uri or not uri.startswith("pvc://"):
+        return uri
+    claim, _, rest = uri[len("pvc://"):].partition("/")
+    return f"{PVC_MOUNT_ROOT}/{claim}/{rest}".rstrip("/")
+
+
+def trainer_config(job: dict[str, Any], spec: api.FineTuneJobSpec) -> tc.TrainerConfig:
+    meta = job["metadata"]
+    return tc.TrainerConfig(
+        job=tc.JobRef(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"]),
+        base_model=spec.base_model.model_copy(update={"uri": local_uri(spec.base_model.uri)}),
+        dataset=spec.dataset.model_copy(
+            update={"uri": local_uri(spec.dataset.uri), "validation_uri": local_uri(spec.dataset.validation_uri)}
+        ),
+        method=spec.method,
+        lora=spec.lora,
+        training=spec.training,
+        checkpoints=spec.checkpoints,
+        output=spec.output,
+        s3=spec.s3,
+        gpus_per_worker=spec.resources.gpus,
+        workers=spec.resources.workers,
+    )
+
+
+def config_map(job: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]:
+    meta = job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {**MANAGED_BY, LABEL_JOB_NAME: meta["name"], LABEL_JOB_UID: meta["uid"]},
+            "ownerReferences": [owner_reference(job)],
+        },
+        "data": {tc.CONFIG_KEY: trainer_config(job, spec).dumps()},
+    }
+
+
+def _placement(spec: api.FineTuneJobSpec, settings: Settings, on_demand: bool) -> tuple[list, list, list]:
+    """(required match expressions, preferred terms, tolerations) for capacity policy and GPU type."""
+    required: list[dict[str, Any]] = []
+    preferred: list[dict[str, Any]] = []
+    tolerations: list[dict[str, Any]] = []
+    policy = "on-demand" if on_demand else spec.capacity.policy
+    label = settings.capacity_type_label
+    if policy == "spot":
+        required.append({"key": label, "operator": "In", "values": [settings.spot_value]})
+        tolerations += settings.spot_tolerations
+    elif policy == "spot-preferred":
+        preferred.append(
+            {"weight": 100, "preference": {"matchExpressions": [{"key": label, "operator": "In", "values": [settings.spot_value]}]}}
+        )
+        tolerations += settings.spot_tolerations
+    else:  # on-demand: anything that is not labelled spot (clusters without the label included)
+        required.append({"key": label, "operator": "NotIn", "values": [settings.spot_value]})
+    if spec.resources.gpu_type:
+        required.append({"key": settings.gpu_type_label, "operator": "In", "values": [spec.resources.gpu_type]})
+    if spec.resources.gpus:
+        tolerations.append({"key": settings.gpu_resource, "operator": "Exists", "effect": "NoSchedule"})
+    return required, preferred, tolerations
+
+
+def _affinity(user: dict[str, Any] | None, required: list, preferred: list) -> dict[str, Any] | None:
+    """AND our node requirements into every user term; keep the user's other affinities as given."""
+    affinity = copy.deepcopy(user) if user else {}
+    if required or preferred:
+        node = affinity.setdefault("nodeAffinity", {})
+        if required:
+            req = node.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+            terms = req.get("nodeSelectorTerms") or [{}]
+            for term in terms:
+                term["matchExpressions"] = list(term.get("matchExpressions", [])) + required
+            req["nodeSelectorTerms"] = terms
+        if preferred:
+            node["preferredDuringSchedulingIgnoredDuringExecution"] = (
+                list(node.get("preferredDuringSchedulingIgnoredDuringExecution", [])) + preferred
+            )
+    return affinity or None
+
+
+def worker_pod(
+    job: dict[str, Any],
+    spec: api.FineTuneJobSpec,
+    settings: Settings,
+    attempt: int,
+    rank: int,
+    master_addr: str,
+    on_demand: bool = False,
+) -> dict[str, Any]:
+    meta = job["metadata"]
+    name = meta["name"]
+    res = spec.resources
+    pod_cfg = spec.pod
+    limits: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
+    if res.ephemeral_storage:
+        limits["ephemeral-storage"] = res.ephemeral_storage
+    if res.gpus:
+        limits[settings.gpu_resource] = str(res.gpus)
+
+    env: list[dict[str, Any]] = [
+        {"name": tc.ENV_CONFIG, "value": tc.CONFIG_PATH},
+        {"name": tc.ENV_RANK, "value": str(rank)},
+        {"name": tc.ENV_WORLD_SIZE, "value": str(res.workers)},
+        {"name": tc.ENV_MASTER_ADDR, "value": master_addr},
+        {"name": tc.ENV_MASTER_PORT, "value": str(tc.RENDEZVOUS_PORT)},
+        {"name": tc.ENV_ATTEMPT, "value": str(attempt)},
+        {"name": tc.ENV_METRICS_PORT, "value": str(tc.METRICS_PORT)},
+        {"name": tc.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": tc.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "HF_HOME", "value": "/scratch/hf"},
+        {"name": "TMPDIR", "value": "/scratch/tmp"},
+    ]
+    secret = spec.s3.credentials_secret
+    if secret:
+        for env_name, key in ((tc.ENV_S3_ACCESS_KEY, secret.access_key_id_key), (tc.ENV_S3_SECRET_KEY, secret.secret_access_key_key)):
+            env.append({"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    env += pod_cfg.env or []
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(name)}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": res.ephemeral_storage} if res.ephemeral_storage else {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and DataLoader workers need a real /dev/shm
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": tc.CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
+        {"name": "scratch", "mountPath": "/scratch"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    for i, claim in enumerate(pvc_claims(spec)):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+
+    required, preferred, tolerations = _placement(spec, settings, on_demand)
+    labels = {
+        **(pod_cfg.labels or {}),
+        **MANAGED_BY,
+        LABEL_JOB_NAME: name,
+        LABEL_JOB_UID: meta["uid"],
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_RANK: str(rank),
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # the trainer never talks to the API server
+        "terminationGracePeriodSeconds": pod_cfg.termination_grace_period_seconds,
+        "containers": [
+            {
+                "name": CONTAINER,
+                "image": pod_cfg.image or settings.trainer_image,
+                "imagePullPolicy": pod_cfg.image_pull_policy or settings.trainer_image_pull_policy,
+                "env": env,
+                "ports": [{"name": "metrics", "containerPort": tc.METRICS_PORT}]
+                + ([{"name": "rendezvous", "containerPort": tc.RENDEZVOUS_PORT}] if res.workers > 1 else []),
+                "resources": {"requests": dict(limits), "limits": dict(limits)},
+                "volumeMounts": mounts,
+                "terminationMessagePath": tc.TERMINATION_LOG,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+            }
+        ],
+        "volumes": volumes,
+    }
+    if pod_cfg.node_selector:
+        pod_spec["nodeSelector"] = dict(pod_cfg.node_selector)
+    all_tolerations = list(pod_cfg.tolerations or []) + [t for t in tolerations if t not in (pod_cfg.tolerations or [])]
+    if all_tolerations:
+        pod_spec["tolerations"] = all_tolerations
+    affinity = _affinity(pod_cfg.affinity, required, preferred)
+    if affinity:
+        pod_spec["affinity"] = affinity
+    if pod_cfg.priority_class_name:
+        pod_spec["priorityClassName"] = pod_cfg.priority_class_name
+    if pod_cfg.service_account_name:
+        pod_spec["serviceAccountName"] = pod_cfg.service_account_name
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(name, attempt, rank),
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": dict(pod_cfg.annotations or {}),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": pod_spec,
+    }

@@ -1,0 +1,75 @@
+"""Building, creating and reading FineTuneJobs in tests."""
+from __future__ import annotations
+
+import copy
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+
+
+def example(name: str = "cpu-lora-tiny.yaml") -> dict[str, Any]:
+    return yaml.safe_load((REPO / "manifests" / "examples" / name).read_text())
+
+
+def job_manifest(name: str | None = None, **spec_overrides: Any) -> dict[str, Any]:
+    """The demo example with a fresh name; overrides merge into spec (None deletes a key)."""
+    job = example()
+    job["metadata"] = {"name": name or f"job-{uuid.uuid4().hex[:6]}"}
+    job["spec"]["s3"] = {"endpoint": "http://127.0.0.1:9", "credentialsSecret": {"name": "s3-creds"}}
+    merge(job["spec"], spec_overrides)
+    return job
+
+
+def merge(into: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for key, value in overrides.items():
+        if value is None:
+            into.pop(key, None)
+        elif isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+    return into
+
+
+class Jobs:
+    """FineTuneJob CRUD in one namespace."""
+
+    def __init__(self, api_client, namespace: str):
+        import kubernetes
+
+        self.ns = namespace
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+
+    def create(self, job: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, job)
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.get(name).get("status") or {}
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec})
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+
+    def condition(self, name: str, ctype: str) -> dict[str, Any] | None:
+        return next((c for c in self.status(name).get("conditions") or [] if c["type"] == ctype), None)
+
+    def pods(self, name: str) -> list:
+        return self.core.list_namespaced_pod(self.ns, label_selector=f"kubetune.io/job-name={name}").items
+
+    def events(self, name: str) -> list:
+        return [e for e in self.core.list_namespaced_event(self.ns).items if e.involved_object.name == name]
+
+    def secret(self, name: str = "s3-creds", **data: str) -> None:
+        data = data or {"AWS_ACCESS_KEY_ID": "minio", "AWS_SECRET_ACCESS_KEY": "minio123"}
+        self.core.create_namespaced_secret(self.ns, {"metadata": {"name": name}, "stringData": data})
