@@ -266,13 +266,13 @@ def decide(obs: Observed) -> Decision:
         return d
 
     st.setdefault("phase", "Pending")
-    if not current:
-        return _start_attempt(st, obs, d, attempt, older_alive)
-
-    # Pods the job recorded as created but that are gone: deleted with their node (spot reclaim).
-    # ("Creating" entries were never seen running: a failed create is retried, not a preemption.)
+    # Pods the job recorded as created but that are gone: deleted with their node (spot reclaim),
+    # perhaps while the operator was down. ("Creating" entries were never seen: a failed create is
+    # retried, not counted as a preemption.)
     recorded = {w["name"] for w in st.get("workers") or [] if w.get("attempt") == attempt and w.get("phase") != "Creating"}
     vanished = sorted(recorded - {p.name for p in current})
+    if not current and not vanished:
+        return _start_attempt(st, obs, d, attempt, older_alive)
     outcomes = {p.name: classify(p) for p in current}
     for name in vanished:
         outcomes[name] = "preempted"
@@ -438,8 +438,9 @@ def _observe_running(st: dict[str, Any], obs: Observed, d: Decision, current: li
         st["phase"] = "Running"
         st["message"] = "training"
         set_condition(st, "Running", True, "Running", "all workers are running", now, gen)
-        if condition(st, "Preempted") and condition(st, "Preempted")["status"] == "True":
-            set_condition(st, "Preempted", False, "Resumed", "running again after the last preemption", now, gen)
+        preempted = condition(st, "Preempted")
+        if preempted and preempted["status"] == "True":
+            set_condition(st, "Preempted", False, "Resumed", f"running again; last: {preempted['message']}", now, gen)
 
 
 def pod_rejected(status: dict[str, Any], message: str, permanent: bool, now: dt.datetime, generation: int | None) -> dict[str, Any]:

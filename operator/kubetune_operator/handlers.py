@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -218,6 +219,13 @@ async def _sweep(jobs_index: kopf.Index, pods_index: kopf.Index, nodes_index: ko
 _sweeper: asyncio.Task | None = None
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster ServiceAccount, else $KUBECONFIG as it is now (the client library's default
+    path is frozen when it is imported)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, jobs_by_key: kopf.Index, pods_by_job: kopf.Index,
                   nodes_by_name: kopf.Index, **_: Any) -> None:
@@ -227,7 +235,7 @@ async def startup(settings: kopf.OperatorSettings, jobs_by_key: kopf.Index, pods
     try:
         kconfig.load_incluster_config()
     except kconfig.ConfigException:
-        kconfig.load_kube_config()
+        kconfig.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # read now, not at import
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.io", key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # kopf's own log lines become Events only when they matter

@@ -1,0 +1,520 @@
+"""Checkpoints in S3 that a reader can never see half-written.
+
+Layout under the job's prefix (`TrainerConfig.checkpoint_prefix`):
+
+    <prefix>/checkpoints/step-000000123/<files...>
+    <prefix>/checkpoints/step-000000123/MANIFEST.json    written LAST: the commit point
+
+The manifest lists every file with its size and sha256, plus the step, the wall time
+(RFC 3339) and a free-form `meta` dict. A step directory without a manifest is an upload that
+never finished and is ignored; a committed checkpoint whose files do not match the manifest is
+skipped on restore in favour of the previous one. Pruning deletes the manifest first, so a
+half-deleted checkpoint is never valid either.
+
+Saving: the caller writes the checkpoint to a local directory (the only part training waits
+for) and hands it to `save_async`; the store moves it aside and uploads it in the background
+(multipart, concurrent), then commits the manifest, then prunes to `keep_last`. At most one
+upload is in flight; on SIGTERM, `wait()` blocks until it is durable.
+
+Kept light: no torch import (the operator image has none).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from . import s3 as s3mod
+from .config import CheckpointRef, S3Spec
+from .errors import CorruptCheckpoint, KubetuneError, RetriableError, UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+FORMAT = "kubetune-checkpoint/v1"
+CHECKPOINTS_DIR = "checkpoints"
+_STEP_DIR_RE = re.compile(r"^step-(\d{9,})$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sha256_file(path: Path, bufsize: int = 4 * s3mod.MB) -> str:
+    """Streaming sha256 (large reads: hashlib drops the GIL, so several files hash in parallel)."""
+    h = hashlib.sha256()
+    buf = bytearray(bufsize)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ records
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One committed checkpoint, as its manifest describes it."""
+
+    step: int
+    uri: str  # s3://bucket/<prefix>/checkpoints/step-000000123
+    time: str  # RFC 3339, when the manifest was written
+    files: dict[str, FileEntry]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.files.values())
+
+    def to_ref(self) -> CheckpointRef:
+        """For ProgressRecord.last_checkpoint."""
+        return CheckpointRef(uri=self.uri, step=self.step, time=self.time)
+
+    def manifest_bytes(self) -> bytes:
+        doc = {
+            "format": FORMAT,
+            "step": self.step,
+            "time": self.time,
+            "totalBytes": self.total_bytes,
+            "files": {k: {"size": e.size, "sha256": e.sha256} for k, e in sorted(self.files.items())},
+            "meta": self.meta,
+        }
+        return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_manifest(cls, data: bytes, *, uri: str, expected_step: int) -> "CheckpointInfo":
+        """Parse and validate a manifest; CorruptCheckpoint says what is wrong with it."""
+
+        def bad(why: str) -> CorruptCheckpoint:
+            return CorruptCheckpoint(f"{uri}/{MANIFEST}: {why}")
+
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad(f"not valid JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise bad("not a JSON object")
+        if doc.get("format") != FORMAT:
+            raise bad(f"format {doc.get('format')!r} is not {FORMAT!r}")
+        step = doc.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step != expected_step:
+            raise bad(f"step {step!r} does not match the directory's step {expected_step}")
+        t = doc.get("time")
+        if not isinstance(t, str) or not t:
+            raise bad("time is missing")
+        raw_files = doc.get("files")
+        if not isinstance(raw_files, dict) or not raw_files:
+            raise bad("files is missing or empty")
+        files: dict[str, FileEntry] = {}
+        for rel, e in raw_files.items():
+            try:
+                s3mod._safe_rel(rel, uri)  # never let a manifest write outside the restore dir
+            except UserError as exc:
+                raise bad(str(exc)) from None
+            if rel == MANIFEST:
+                raise bad(f"lists itself")
+            if not isinstance(e, dict):
+                raise bad(f"entry {rel!r} is not an object")
+            size, digest = e.get("size"), e.get("sha256")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise bad(f"entry {rel!r} has no valid size")
+            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+                raise bad(f"entry {rel!r} has no valid sha256")
+            files[rel] = FileEntry(size, digest)
+        meta = doc.get("meta", {})
+        if not isinstance(meta, dict):
+            raise bad("meta is not an object")
+        return cls(step=step, uri=uri, time=t, files=files, meta=meta)
+
+
+# ------------------------------------------------------------------------------------ metrics
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        secs = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+        self.save_seconds = Histogram(
+            "kubetune_checkpoint_save_seconds",
+            "Seconds to make one checkpoint durable in S3 (upload + manifest), after the local save.",
+            buckets=secs, registry=registry,
+        )
+        self.blocked_seconds = Histogram(
+            "kubetune_checkpoint_blocked_seconds",
+            "Seconds save_async() held up training (waiting for the previous upload, staging).",
+            buckets=secs, registry=registry,
+        )
+        self.restore_seconds = Histogram(
+            "kubetune_checkpoint_restore_seconds",
+            "Seconds to find, download and verify the checkpoint resumed from.",
+            buckets=secs, registry=registry,
+        )
+        self.upload_bytes = Counter(
+            "kubetune_checkpoint_upload_bytes_total", "Checkpoint bytes uploaded to S3.", registry=registry
+        )
+        self.download_bytes = Counter(
+            "kubetune_checkpoint_download_bytes_total", "Checkpoint bytes downloaded from S3.", registry=registry
+        )
+        self.saves = Counter(
+            "kubetune_checkpoint_saves_total", "Checkpoint uploads by result.", ["result"], registry=registry
+        )
+        self.fallbacks = Counter(
+            "kubetune_checkpoint_restore_fallbacks_total",
+            "Committed checkpoints skipped on restore because their files did not verify.",
+            registry=registry,
+        )
+        self.last_step = Gauge(
+            "kubetune_checkpoint_last_durable_step", "Step of the newest durable checkpoint.", registry=registry
+        )
+        self.last_time = Gauge(
+            "kubetune_checkpoint_last_durable_timestamp_seconds",
+            "Unix time the newest checkpoint became durable.", registry=registry,
+        )
+
+
+_metrics_lock = threading.Lock()
+_metrics_by_registry: dict[int, tuple[CollectorRegistry, _Metrics]] = {}
+
+
+def _metrics_for(registry: CollectorRegistry | None) -> _Metrics:
+    # Collectors register once per registry; several stores in a process share them.
+    reg = registry if registry is not None else REGISTRY
+    with _metrics_lock:
+        hit = _metrics_by_registry.get(id(reg))
+        if hit is None or hit[0] is not reg:
+            hit = (reg, _Metrics(reg))
+            _metrics_by_registry[id(reg)] = hit
+        return hit[1]
+
+
+# -------------------------------------------------------------------------------------- store
+@dataclass
+class _Listing:
+    committed: list[CheckpointInfo]  # newest first, parseable manifests only
+    objects: dict[int, dict[str, int]]  # step -> {relative path: size}
+    incomplete: list[int]  # step dirs without a manifest
+    unparsable: list[int]  # step dirs whose manifest is garbage
+
+
+class CheckpointStore:
+    """Checkpoints of one job under `<prefix_uri>/checkpoints/` (see the module docstring).
+
+    prefix_uri: the job's prefix, `TrainerConfig.checkpoint_prefix`.
+    s3: endpoint/region/addressing for a client made here (ignored when `client` is given).
+    keep_last: committed checkpoints kept (`checkpoints.keepLast`).
+    registry: Prometheus registry for the kubetune_checkpoint_* metrics (default: the global).
+    transfer: a boto3 TransferConfig (default `s3.transfer_config()`: 16 MiB parts, 8 at once).
+    """
+
+    def __init__(
+        self,
+        prefix_uri: str,
+        s3: S3Spec | None,
+        keep_last: int,
+        client: Any = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        transfer: Any = None,
+        hash_workers: int = 2,
+    ) -> None:
+        if keep_last < 1:
+            raise ValueError(f"checkpoints.keepLast must be >= 1, got {keep_last}")
+        self.root = s3mod.parse_s3_uri(prefix_uri, field="checkpoints.uri").join(CHECKPOINTS_DIR)
+        self.keep_last = keep_last
+        self.client = client if client is not None else s3mod.make_client(s3)
+        self._transfer = transfer or s3mod.transfer_config()
+        self._hash_workers = max(1, hash_workers)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-ckpt-upload")
+        self._inflight: Future[CheckpointInfo] | None = None
+        self._last_durable: CheckpointInfo | None = None
+        self._known_bad: set[int] = set()  # failed verification here; deleted at the next prune
+        self._m = _metrics_for(registry)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def step_uri(self, step: int) -> s3mod.S3Uri:
+        return self.root.join(step_dir_name(step))
+
+    def check_access(self) -> None:
+        """Fail fast (UserError) unless we can list, write and delete under the prefix."""
+        s3mod.check_access(self.client, self.root, field="checkpoints.uri", write=True)
+
+    def _scan(self, read_manifests: bool = True) -> _Listing:
+        objects: dict[int, dict[str, int]] = {}
+        base = self.root.dir_prefix
+        for o in s3mod.iter_objects(self.client, self.root):
+            dirname, _, rel = o.key[len(base):].partition("/")
+            m = _STEP_DIR_RE.match(dirname)
+            if m and rel:
+                objects.setdefault(int(m.group(1)), {})[rel] = o.size
+        committed: list[CheckpointInfo] = []
+        incomplete: list[int] = []
+        unparsable: list[int] = []
+        for step in sorted(objects, reverse=True):
+            if MANIFEST not in objects[step]:
+                incomplete.append(step)
+                continue
+            if not read_manifests:
+                continue
+            uri = self.step_uri(step)
+            try:
+                data = s3mod.get_bytes(self.client, uri.join(MANIFEST))
+                committed.append(CheckpointInfo.from_manifest(data, uri=str(uri), expected_step=step))
+            except s3mod.S3NotFound:
+                incomplete.append(step)  # pruned between listing and reading
+            except CorruptCheckpoint as exc:
+                log.warning("checkpoint manifest unreadable step=%d reason=%s", step, exc)
+                unparsable.append(step)
+        return _Listing(committed, objects, incomplete, unparsable)
+
+    # -- reading ---------------------------------------------------------------------------
+    def list_committed(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, newest first (only those with a parseable manifest)."""
+        return self._scan().committed
+
+    def restore_latest(self, dest: Path) -> CheckpointInfo | None:
+        """Download the newest checkpoint whose files verify (size + sha256) into `dest`.
+
+        Falls back to older ones, logging why each was skipped; returns None when none is
+        valid. `dest` must be absent or empty; it appears complete or not at all. Transient S3
+        errors raise (RetriableError) rather than silently resuming from an older checkpoint.
+        """
+        t0 = time.monotonic()
+        dest = Path(dest)
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise FileExistsError(f"restore destination {dest} exists and is not an empty directory")
+        listing = self._scan()
+        newest = listing.committed[0].step if listing.committed else -1
+        for step in listing.incomplete:
+            if step > newest:
+                log.info("checkpoint ignored step=%d reason=no manifest (upload never finished)", step)
+        self._known_bad.update(listing.unparsable)
+        for info in listing.committed:
+            try:
+                self._verify_listing(info, listing.objects.get(info.step, {}))
+                nbytes = self._download_verified(info, dest)
+            except CorruptCheckpoint as exc:
+                log.warning("checkpoint skipped step=%d reason=%s; trying the previous one", info.step, exc)
+                self._known_bad.add(info.step)
+                self._m.fallbacks.inc()
+                continue
+            seconds = time.monotonic() - t0
+            self._m.restore_seconds.observe(seconds)
+            self._m.download_bytes.inc(nbytes)
+            self._set_durable(info)
+            log.info(
+                "checkpoint restored step=%d uri=%s bytes=%d seconds=%.2f", info.step, info.uri, nbytes, seconds
+            )
+            return info
+        log.info("checkpoint none valid under %s; starting from scratch", self.root)
+        return None
+
+    @staticmethod
+    def _verify_listing(info: CheckpointInfo, remote: dict[str, int]) -> None:
+        # Cheap check before downloading: every file is there with the right size.
+        for rel, entry in info.files.items():
+            if rel not in remote:
+                raise CorruptCheckpoint(f"{info.uri}/{rel} is in the manifest but missing")
+            if remote[rel] != entry.size:
+                raise CorruptCheckpoint(
+                    f"{info.uri}/{rel} is {remote[rel]} bytes in S3, the manifest says {entry.size}"
+                )
+
+    def _download_verified(self, info: CheckpointInfo, dest: Path) -> int:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.restore-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            uri = s3mod.parse_s3_uri(info.uri)
+            try:
+                nbytes = s3mod.download_files(
+                    self.client, {rel: uri.join(rel) for rel in info.files}, tmp, config=self._transfer
+                )
+            except s3mod.S3NotFound as exc:
+                raise CorruptCheckpoint(f"a file vanished while downloading: {exc}") from None
+            rels = list(info.files)
+            with ThreadPoolExecutor(self._hash_workers) as pool:
+                digests = dict(zip(rels, pool.map(lambda r: sha256_file(tmp / r), rels)))
+            for rel, entry in info.files.items():
+                size = (tmp / rel).stat().st_size
+                if size != entry.size:
+                    raise CorruptCheckpoint(f"{info.uri}/{rel}: downloaded {size} bytes, manifest says {entry.size}")
+                if digests[rel] != entry.sha256:
+                    raise CorruptCheckpoint(
+                        f"{info.uri}/{rel}: sha256 {digests[rel][:16]}… does not match the manifest's {entry.sha256[:16]}…"
+                    )
+            if dest.exists():
+                dest.rmdir()  # empty (checked by the caller)
+            tmp.rename(dest)  # the restored directory appears whole
+            return nbytes
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # -- writing ---------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> bool:
+        fut = self._inflight
+        return fut is not None and not fut.done()
+
+    def save_async(self, step: int, local_dir: Path, meta: dict[str, Any] | None = None) -> Future[CheckpointInfo]:
+        """Upload the checkpoint in `local_dir` as `step`, in the background.
+
+        The store owns `local_dir` from now on: it is renamed aside at once (the caller may
+        reuse the path for the next save) and deleted after the upload. When the previous
+        upload is still running this call waits for it first (at most one in flight: bounded
+        local disk, and checkpoints commit in order). The future resolves to the committed
+        CheckpointInfo or raises UserError/RetriableError.
+        """
+        t0 = time.monotonic()
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+        meta = dict(meta or {})
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint meta must be JSON-serialisable: {exc}") from None
+        local_dir = Path(local_dir)
+        files = s3mod.local_files(local_dir)
+        if not files:
+            raise ValueError(f"checkpoint directory {local_dir} is empty")
+        if MANIFEST in files:
+            raise ValueError(f"{local_dir}/{MANIFEST}: the name is reserved for the store's manifest")
+
+        prev = self._inflight
+        if prev is not None and not prev.done():
+            log.info("checkpoint save waits for the previous upload step=%d", step)
+            futures.wait([prev])
+        staging = local_dir.with_name(f".{local_dir.name}.upload-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}")
+        local_dir.rename(staging)  # same filesystem: instant
+        staged = {rel: staging / rel for rel in files}
+        fut = self._executor.submit(self._upload, step, staging, staged, meta)
+        self._inflight = fut
+        self._m.blocked_seconds.observe(time.monotonic() - t0)
+        return fut
+
+    def _upload(self, step: int, staging: Path, files: dict[str, Path], meta: dict[str, Any]) -> CheckpointInfo:
+        t0 = time.monotonic()
+        uri = self.step_uri(step)
+        try:
+            self._clear_step(step)
+            with ThreadPoolExecutor(self._hash_workers) as pool:
+                # Hash while uploading: both read the same (page-cached) immutable files.
+                digests = {rel: pool.submit(sha256_file, p) for rel, p in files.items()}
+                nbytes = s3mod.upload_files(self.client, files, uri, config=self._transfer)
+                entries = {rel: FileEntry(p.stat().st_size, digests[rel].result()) for rel, p in files.items()}
+            remote = {o.key[len(uri.dir_prefix):]: o.size for o in s3mod.iter_objects(self.client, uri)}
+            for rel, e in entries.items():
+                if remote.get(rel) != e.size:
+                    raise RetriableError(
+                        f"{uri}/{rel}: S3 reports {remote.get(rel)} bytes after upload, expected {e.size}"
+                    )
+            info = CheckpointInfo(step=step, uri=str(uri), time=now_rfc3339(), files=entries, meta=meta)
+            # The commit point: only now can a reader see this checkpoint.
+            s3mod.put_bytes(self.client, uri.join(MANIFEST), info.manifest_bytes(), content_type="application/json")
+        except Exception as exc:
+            self._m.saves.labels(result="failure").inc()
+            log.error("checkpoint upload failed step=%d uri=%s error=%s", step, uri, exc)
+            if isinstance(exc, KubetuneError):
+                raise
+            raise RetriableError(f"checkpoint upload to {uri} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        seconds = time.monotonic() - t0
+        self._m.save_seconds.observe(seconds)
+        self._m.upload_bytes.inc(nbytes)
+        self._m.saves.labels(result="success").inc()
+        self._set_durable(info)
+        log.info(
+            "checkpoint committed step=%d uri=%s bytes=%d seconds=%.2f MBps=%.1f",
+            step, uri, nbytes, seconds, nbytes / s3mod.MB / max(seconds, 1e-9),
+        )
+        try:
+            self._prune(step)
+        except Exception as exc:  # noqa: BLE001 - the checkpoint is durable; pruning can wait
+            log.warning("checkpoint prune failed under %s: %s", self.root, exc)
+        return info
+
+    def _set_durable(self, info: CheckpointInfo) -> None:
+        self._last_durable = info
+        self._m.last_step.set(info.step)
+        self._m.last_time.set(time.time())
+
+    def _delete_step(self, step: int, keys: dict[str, int]) -> None:
+        base = self.step_uri(step)
+        if MANIFEST in keys:  # uncommit first: a half-deleted checkpoint must not look valid
+            s3mod.delete_keys(self.client, base.bucket, [base.join(MANIFEST).key])
+        rest = [base.join(rel).key for rel in keys if rel != MANIFEST]
+        if rest:
+            s3mod.delete_keys(self.client, base.bucket, rest)
+
+    def _clear_step(self, step: int) -> None:
+        # A retry after a preemption reaches the same step again: start from a clean directory.
+        uri = self.step_uri(step)
+        existing = {o.key[len(uri.dir_prefix):]: o.size for o in s3mod.iter_objects(self.client, uri)}
+        if existing:
+            log.info("checkpoint overwriting step=%d (%d leftover objects)", step, len(existing))
+            self._delete_step(step, existing)
+
+    def _prune(self, just_committed: int) -> None:
+        """Keep the newest `keep_last` committed checkpoints (never the one just written);
+        delete older ones, ones that failed verification here, and unfinished uploads older
+        than the one just committed."""
+        listing = self._scan(read_manifests=False)
+        bad = set(self._known_bad)
+        committed = sorted(
+            {s for s, objs in listing.objects.items() if MANIFEST in objs}, reverse=True
+        )
+        good = [s for s in committed if s not in bad or s == just_committed]
+        keep = set(good[: self.keep_last]) | {just_committed}
+        doomed = [s for s in committed if s not in keep]
+        doomed += [s for s in listing.incomplete if s < just_committed]
+        for step in sorted(set(doomed)):
+            self._delete_step(step, listing.objects.get(step, {}))
+            self._known_bad.discard(step)
+            log.info("checkpoint pruned step=%d", step)
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Block until the in-flight upload is durable (e.g. on SIGTERM) and return it; with
+        nothing in flight, the last durable checkpoint. Raises TimeoutError when `timeout`
+        passes first, or the upload's own error (its data is then not durable)."""
+        fut = self._inflight  # no lock: this may run from a signal handler
+        if fut is None:
+            return self._last_durable
+        try:
+            return fut.result(timeout=timeout)
+        except futures.TimeoutError:
+            raise TimeoutError(f"checkpoint upload still running after {timeout}s") from None
+
+    def last_durable(self) -> CheckpointInfo | None:
+        """The newest checkpoint this process restored or committed."""
+        return self._last_durable
+
+    def close(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait)
+
+    def __enter__(self) -> "CheckpointStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
