@@ -71,7 +71,24 @@ def _parse_spec(job: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, str | 
         return None, f"{where}: {first['msg']} (the CRD installed may be older than the operator)"
 
 
+def _recorded_but_unseen(job: dict[str, Any], pods: tuple[PodView, ...]) -> tuple[PodView, ...]:
+    """Pods the status records as seen but the index does not hold. Before they count as
+    vanished (a preemption), ask the API server: the index may lag behind a status written by
+    another operator instance (e.g. during an upgrade)."""
+    status = job.get("status") or {}
+    attempt = status.get("attempt") or 0
+    known = {p.name for p in pods}
+    found = []
+    for w in status.get("workers") or []:
+        if w.get("attempt") == attempt and w.get("phase") != "Creating" and w["name"] not in known:
+            raw = kube().get_pod(job["metadata"]["namespace"], w["name"])
+            if raw is not None:
+                found.append(pod_view(raw))
+    return tuple(found)
+
+
 def _observe(job: dict[str, Any], pods: tuple[PodView, ...], nodes: dict[str, NodeView], poll: bool) -> Observed:
+    pods = pods + _recorded_but_unseen(job, pods)
     spec, error = _parse_spec(job)
     now = dt.datetime.now(dt.timezone.utc)
     preflight = None
@@ -124,14 +141,14 @@ def _act(job: dict[str, Any], spec: api.FineTuneJobSpec | None, d: Decision) -> 
             status = pod_rejected(fresh.get("status") or {}, api_error_message(e), e.status != 403,
                                   dt.datetime.now(dt.timezone.utc), meta.get("generation"))
             k.patch_status(fresh, status)
-            kopf.event(job, type="Warning", reason="PodRejected", message=status["message"][:1024])
+            post_event(job, "Warning", "PodRejected", status["message"])
             return
         if created:
             metrics.PODS_CREATED.labels(ns).inc()
     for pod_name in d.delete_pods:
         k.delete_pod(ns, pod_name)
     for ev in d.events:
-        kopf.event(job, type=ev.type, reason=ev.reason, message=ev.message[:1024])
+        post_event(job, ev.type, ev.reason, ev.message)
         log.info("job=%s/%s event=%s %s", ns, name, ev.reason, ev.message)
         if ev.reason == "Preempted":
             metrics.PREEMPTIONS.labels(ns).inc()
@@ -143,6 +160,14 @@ def _act(job: dict[str, Any], spec: api.FineTuneJobSpec | None, d: Decision) -> 
         metrics.JOBS.forget(ns, name)
     else:
         metrics.JOBS.update(ns, name, d.status)
+
+
+def post_event(job: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """Events are best-effort: a namespace being deleted refuses them, and that is fine."""
+    try:
+        kopf.event(job, type=type_, reason=reason, message=message[:1024])
+    except Exception as e:  # noqa: BLE001
+        log.info("job=%s/%s event %s not posted: %s", job["metadata"]["namespace"], job["metadata"]["name"], reason, e)
 
 
 def reconcile_once(namespace: str, name: str, pods: tuple[PodView, ...], nodes: dict[str, NodeView], poll: bool) -> None:
@@ -176,8 +201,10 @@ async def reconcile(namespace: str, name: str, uid: str | None, pods_index: kopf
             metrics.RECONCILE_ERRORS.labels("conflict" if e.status == 409 else "api").inc()
             if e.status == 409:  # someone wrote the job meanwhile: decide again from the new state
                 await asyncio.to_thread(reconcile_once, namespace, name, tuple(pods_index.get(uid, ())), nodes, poll)
+            elif e.status == 403 and "being terminated" in (e.body or ""):
+                log.info("job=%s/%s: namespace is being deleted", namespace, name)
             else:
-                log.warning("job=%s/%s reconcile failed: %s %s", namespace, name, e.status, e.reason)
+                log.warning("job=%s/%s reconcile failed: %s %s", namespace, name, e.status, api_error_message(e))
 
 
 def api_error_message(e: ApiException) -> str:

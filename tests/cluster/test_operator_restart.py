@@ -41,6 +41,7 @@ def test_preemption_while_the_operator_is_down_is_counted_once(cluster, crd, kub
 
 
 def test_two_operators_at_once_do_not_duplicate_pods(cluster, crd, kube_api, namespace, spec, fake_nodes):
+    """Not a supported deployment (one replica, Recreate), but an upgrade can overlap briefly."""
     jobs = Jobs(kube_api, namespace)
     jobs.secret()
     fake_nodes()

@@ -1,0 +1,32 @@
+import datetime as dt
+
+from kubetune_operator import api
+from kubetune_operator.cost import accrue, cpu_cores, price_per_hour
+from kubetune_operator.decide import NodeView, PodView
+from kubetune_operator.settings import Settings
+
+T0 = dt.datetime(2026, 11, 22, 12, 0, 0, tzinfo=dt.timezone.utc)
+
+
+def test_cpu_quantities():
+    assert cpu_cores("2") == 2 and cpu_cores("500m") == 0.5 and cpu_cores("1.5") == 1.5
+
+
+def test_price_depends_on_gpu_type_and_capacity_type():
+    s = Settings()
+    res = api.ResourcesSpec(gpus=2, gpu_type="NVIDIA-L4")
+    assert price_per_hour(s, NodeView("n", "spot", "NVIDIA-L4"), res) == 2 * 0.32
+    assert price_per_hour(s, NodeView("n", "on-demand", "NVIDIA-L4"), res) == 2 * 0.81
+    assert price_per_hour(s, NodeView("n", "spot", "Unheard-Of"), res) == 2 * 0.80  # default row
+    assert price_per_hour(s, None, api.ResourcesSpec(cpu="4")) == 4 * 0.04
+
+
+def test_accrual_is_incremental_and_idempotent():
+    res = api.ResourcesSpec(gpus=1)
+    nodes = {"n1": NodeView("n1", "spot"), "n2": NodeView("n2", "on-demand")}
+    pods = [PodView("p0", 0, 0, "Running", node="n1"), PodView("p1", 0, 1, "Running", node="n2")]
+    cost = accrue(None, pods, nodes, res, lambda node, r: 3.0, T0)
+    assert cost == {"gpuHours": 0.0, "spotGpuHours": 0.0, "estimatedUsd": "0.0000", "accruedUntil": "2026-11-22T12:00:00Z"}
+    cost = accrue(cost, pods, nodes, res, lambda node, r: 3.0, T0 + dt.timedelta(minutes=30))
+    assert cost["gpuHours"] == 1.0 and cost["spotGpuHours"] == 0.5 and cost["estimatedUsd"] == "3.0000"
+    assert accrue(cost, pods, nodes, res, lambda node, r: 3.0, T0 + dt.timedelta(minutes=30)) == cost
