@@ -24,7 +24,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -88,6 +87,22 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+_CLIENT_EXT = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
+
+
+def _issue(pki: Path, name: str, subject: str, ext: str) -> None:
+    """A key and a certificate signed by the cluster CA."""
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", subject, cwd=pki)
+    (pki / f"{name}.ext").write_text(ext)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", f"{name}.crt", "-days", "3650", "-extfile", f"{name}.ext", cwd=pki)
+
+
+def issue_client_cert(pki: Path, user: str, group: str) -> None:
+    _issue(pki, user, f"/O={group}/CN={user}", _CLIENT_EXT)
+
+
 def make_pki(pki: Path, sans: list[str]) -> None:
     """CA, apiserver serving cert, admin client cert and the service-account key pair (idempotent)."""
     pki.mkdir(parents=True, exist_ok=True)
@@ -95,20 +110,13 @@ def make_pki(pki: Path, sans: list[str]) -> None:
         return
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
              "-days", "3650", "-subj", "/CN=kubetune-local-ca", cwd=pki)
-
-    def issue(name: str, subject: str, ext: str) -> None:
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", subject, cwd=pki)
-        (pki / f"{name}.ext").write_text(ext)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.crt", "-days", "3650", "-extfile", f"{name}.ext", cwd=pki)
-
     alt = ",".join(f"IP:{s}" if s.replace(".", "").isdigit() else f"DNS:{s}" for s in sans)
-    issue("apiserver", "/CN=kube-apiserver",
-          f"basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-          f"extendedKeyUsage=serverAuth\nsubjectAltName={alt}\n")
-    issue("admin", "/O=system:masters/CN=kubetune-admin",
-          "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n")
+    _issue(pki, "apiserver", "/CN=kube-apiserver",
+           f"basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+           f"extendedKeyUsage=serverAuth\nsubjectAltName={alt}\n")
+    issue_client_cert(pki, "kubetune-admin", "system:masters")
+    for ext in ("crt", "key"):  # the admin identity's files keep their short names
+        (pki / f"kubetune-admin.{ext}").rename(pki / f"admin.{ext}")
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
@@ -135,6 +143,7 @@ class ControlPlane:
 
     state_dir: Path
     with_controllers: bool = True
+    audit: bool = False  # log every request's metadata to logs/audit.log (benchmarks count requests)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     api_port: int = 0
     advertise_ip: str = ""
@@ -195,6 +204,7 @@ class ControlPlane:
             "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--enable-priority-and-fairness=false", "--max-requests-inflight=2000",
             "--max-mutating-requests-inflight=1000", "--watch-cache=true",
+            *self._audit_flags(),
         ])
         write_kubeconfig(self.kubeconfig, f"https://127.0.0.1:{self.api_port}", self.pki)
         self.wait_ready(timeout)
@@ -217,6 +227,22 @@ class ControlPlane:
                 "--leader-elect=false", f"--secure-port={free_port()}", "--bind-address=127.0.0.1",
             ])
         return self
+
+    def _audit_flags(self) -> list[str]:
+        if not self.audit:
+            return []
+        policy = self.state_dir / "audit-policy.json"
+        policy.write_text(json.dumps({"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+                                      "omitStages": ["RequestReceived"], "rules": [{"level": "Metadata"}]}))
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.logs / 'audit.log'}", "--audit-log-mode=blocking"]
+
+    def client_kubeconfig(self, user: str, group: str = "system:masters") -> Path:
+        """A kubeconfig for a distinct user, so its requests can be told apart in the audit log."""
+        path = self.state_dir / f"kubeconfig-{user}"
+        if not path.exists():
+            issue_client_cert(self.pki, user, group)
+            write_kubeconfig(path, f"https://127.0.0.1:{self.api_port}", self.pki, cert=user)
+        return path
 
     @staticmethod
     def _have(name: str) -> bool:

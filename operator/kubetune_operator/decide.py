@@ -34,7 +34,7 @@ WAITING_PROBLEMS = {
     "CreateContainerError": "ContainerConfigError",
 }
 PERMANENT_WAITING = {"InvalidImage"}
-POLL_SECONDS = 10.0
+COST_STEP_SECONDS = 60.0
 STATUS_KEYS = {f.alias or n for n, f in api.FineTuneJobStatus.model_fields.items()}
 
 
@@ -76,7 +76,7 @@ class Observed:
     preflight_problem: tuple[str, str] | None = None  # (reason, message): missing Secret, unreachable S3
     gpu_type_known: bool | None = None  # None: not checked
     progress: ProgressRecord | None = None  # polled from the running rank 0
-    gpu_price: Any = None  # callable(node: NodeView | None, gpus: int) -> USD/hour; see cost.price_per_hour
+    gpu_price: Any = None  # callable(node: NodeView | None, resources) -> USD/hour; see cost.price_per_hour
 
 
 @dataclass(frozen=True)
@@ -223,10 +223,13 @@ def decide(obs: Observed) -> Decision:
     older_alive = [p for p in obs.pods if p.attempt < attempt and p.phase not in ("Succeeded", "Failed")]
     alive = [p for p in current if p.phase not in ("Succeeded", "Failed")]
 
-    # Cost accrues for every pod that holds a node, whatever the phase says next.
+    # Cost accrues for running pods in COST_STEP_SECONDS steps: a status write per job per
+    # minute at most, not one per event (each write is itself an event).
     if obs.spec is not None and obs.gpu_price is not None:
-        st["cost"] = accrue(st.get("cost"), [p for p in obs.pods if p.node and p.phase == "Running"],
-                            obs.nodes, obs.spec.resources, obs.gpu_price, now)
+        since = parse_time((st.get("cost") or {}).get("accruedUntil"))
+        if since is None or (now - since).total_seconds() >= COST_STEP_SECONDS:
+            st["cost"] = accrue(st.get("cost"), [p for p in obs.pods if p.node and p.phase == "Running"],
+                                obs.nodes, obs.spec.resources, obs.gpu_price, now)
 
     if st.get("phase") in ("Succeeded", "Failed"):
         # Finished: never recreate children; stop stragglers; honour the TTL.

@@ -10,11 +10,15 @@ the operator is gone.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 import datetime as dt
 import json
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -34,6 +38,34 @@ log = logging.getLogger("kubetune.operator")
 SETTINGS = Settings.from_env()
 _kube: Kube | None = None
 _locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+
+class _OwnWrites:
+    """What this operator last wrote to each job: its newest known state, and the
+    resourceVersions whose watch events are only the echo of our own writes (nothing to do)."""
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[str, str], dict[str, Any]] = {}
+        self.versions: dict[tuple[str, str], deque[str]] = {}
+
+    def record(self, job: dict[str, Any]) -> None:
+        key = (job["metadata"]["namespace"], job["metadata"]["name"])
+        self.latest[key] = job
+        self.versions.setdefault(key, deque(maxlen=16)).append(job["metadata"]["resourceVersion"])
+
+    def is_echo(self, job: dict[str, Any]) -> bool:
+        key = (job["metadata"]["namespace"], job["metadata"]["name"])
+        return job["metadata"].get("resourceVersion") in self.versions.get(key, ())
+
+    def seen(self, job: dict[str, Any]) -> None:
+        self.latest[(job["metadata"]["namespace"], job["metadata"]["name"])] = job
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self.latest.pop(key, None)
+        self.versions.pop(key, None)
+
+
+_own = _OwnWrites()
 
 
 def kube() -> Kube:
@@ -56,8 +88,19 @@ def nodes_by_name(body: kopf.Body, name: str, **_: Any) -> dict[str, NodeView]:
 
 
 @kopf.index(api.GROUP, api.VERSION, api.PLURAL)
-def jobs_by_key(namespace: str, name: str, **_: Any) -> dict[tuple[str, str], bool]:
-    return {(namespace, name): True}
+def jobs_by_key(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """The last seen body of every job: reconciles start from it instead of a GET; a stale one
+    only costs a 409 on the (resourceVersion-conditional) status write and a re-read."""
+    return {(namespace, name): plain(body)}
+
+
+def plain(value: Any) -> Any:
+    """kopf's read-only views -> plain dicts and lists (ours to keep and mutate)."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 # ---- the one pass ---------------------------------------------------------------------------
@@ -72,15 +115,15 @@ def _parse_spec(job: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, str | 
 
 
 def _recorded_but_unseen(job: dict[str, Any], pods: tuple[PodView, ...]) -> tuple[PodView, ...]:
-    """Pods the status records as seen but the index does not hold. Before they count as
-    vanished (a preemption), ask the API server: the index may lag behind a status written by
-    another operator instance (e.g. during an upgrade)."""
+    """Pods the status records but the index does not hold yet. Ask the API server before
+    deciding: a pod just created (its watch event is in flight) must not be created again, and
+    one seen by another operator instance (an upgrade overlap) must not count as vanished."""
     status = job.get("status") or {}
     attempt = status.get("attempt") or 0
     known = {p.name for p in pods}
     found = []
     for w in status.get("workers") or []:
-        if w.get("attempt") == attempt and w.get("phase") != "Creating" and w["name"] not in known:
+        if w.get("attempt") == attempt and w["name"] not in known:
             raw = kube().get_pod(job["metadata"]["namespace"], w["name"])
             if raw is not None:
                 found.append(pod_view(raw))
@@ -124,7 +167,7 @@ def _act(job: dict[str, Any], spec: api.FineTuneJobSpec | None, d: Decision) -> 
     meta = job["metadata"]
     ns, name = meta["namespace"], meta["name"]
     if d.status != (job.get("status") or {}) or d.create_pods:
-        k.patch_status(job, d.status)  # first: the record of what we are about to create
+        _own.record(k.patch_status(job, d.status))  # first: the record of what we are about to create
     if d.ensure_config and spec is not None:
         k.ensure_config_map(render.config_map(job, spec))
     for attempt, rank in d.create_pods:
@@ -140,7 +183,7 @@ def _act(job: dict[str, Any], spec: api.FineTuneJobSpec | None, d: Decision) -> 
             fresh = k.get_job(ns, name) or job
             status = pod_rejected(fresh.get("status") or {}, api_error_message(e), e.status != 403,
                                   dt.datetime.now(dt.timezone.utc), meta.get("generation"))
-            k.patch_status(fresh, status)
+            _own.record(k.patch_status(fresh, status))
             post_event(job, "Warning", "PodRejected", status["message"])
             return
         if created:
@@ -170,41 +213,52 @@ def post_event(job: dict[str, Any], type_: str, reason: str, message: str) -> No
         log.info("job=%s/%s event %s not posted: %s", job["metadata"]["namespace"], job["metadata"]["name"], reason, e)
 
 
-def reconcile_once(namespace: str, name: str, pods: tuple[PodView, ...], nodes: dict[str, NodeView], poll: bool) -> None:
-    """GET the job, decide, act. Runs in a worker thread; the caller holds the job's lock."""
+def reconcile_once(job: dict[str, Any], pods: tuple[PodView, ...], nodes: dict[str, NodeView], poll: bool) -> None:
+    """Decide and act for one job as read. Runs in a worker thread; the caller holds the job's lock."""
     started = time.perf_counter()
-    job = kube().get_job(namespace, name)
-    if job is None or job["metadata"].get("deletionTimestamp"):
-        metrics.JOBS.forget(namespace, name)
+    meta = job["metadata"]
+    if meta.get("deletionTimestamp"):
+        metrics.JOBS.forget(meta["namespace"], meta["name"])
         return  # owner references take the pods and the ConfigMap with it
-    uid = job["metadata"]["uid"]
     observed = _observe(job, pods, nodes, poll)
     decision = decide(observed)
     _act(job, observed.spec, decision)
     metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-    log.debug("job=%s/%s uid=%s phase=%s", namespace, name, uid, decision.status.get("phase"))
 
 
-async def reconcile(namespace: str, name: str, uid: str | None, pods_index: kopf.Index, nodes_index: kopf.Index, poll: bool = False) -> None:
+async def reconcile(namespace: str, name: str, indexes: "Indexes", body: dict[str, Any] | None = None, poll: bool = False) -> None:
+    """One observe -> decide -> act pass for a job. `body`: the job as just seen (a watch event);
+    otherwise the jobs index's copy. On a write conflict, read the job afresh and go again."""
     lock = _locks.setdefault((namespace, name), asyncio.Lock())
     async with lock:  # one pass per job at a time; snapshots are taken on the loop thread
-        if uid is None:
-            job = await asyncio.to_thread(kube().get_job, namespace, name)
+        job = body or _own.latest.get((namespace, name)) or next(iter(indexes.jobs.get((namespace, name), ())), None)
+        for fresh_read in (False, True):
+            if job is None or fresh_read:
+                job = await asyncio.to_thread(kube().get_job, namespace, name)
             if job is None:
                 return
-            uid = job["metadata"]["uid"]
-        pods = tuple(pods_index.get(uid, ()))
-        nodes = {key: next(iter(store)) for key, store in nodes_index.items()}
-        try:
-            await asyncio.to_thread(reconcile_once, namespace, name, pods, nodes, poll)
-        except ApiException as e:
-            metrics.RECONCILE_ERRORS.labels("conflict" if e.status == 409 else "api").inc()
-            if e.status == 409:  # someone wrote the job meanwhile: decide again from the new state
-                await asyncio.to_thread(reconcile_once, namespace, name, tuple(pods_index.get(uid, ())), nodes, poll)
-            elif e.status == 403 and "being terminated" in (e.body or ""):
-                log.info("job=%s/%s: namespace is being deleted", namespace, name)
-            else:
-                log.warning("job=%s/%s reconcile failed: %s %s", namespace, name, e.status, api_error_message(e))
+            _own.seen(job)
+            pods = tuple(indexes.pods.get(job["metadata"]["uid"], ()))
+            nodes = {key: next(iter(store)) for key, store in indexes.nodes.items()}
+            try:
+                await asyncio.to_thread(reconcile_once, job, pods, nodes, poll)
+                return
+            except ApiException as e:
+                metrics.RECONCILE_ERRORS.labels("conflict" if e.status == 409 else "api").inc()
+                if e.status == 409 and not fresh_read:
+                    continue  # someone (or our own last write) changed the job: decide again
+                if e.status == 403 and "being terminated" in (e.body or ""):
+                    log.info("job=%s/%s: namespace is being deleted", namespace, name)
+                else:
+                    log.warning("job=%s/%s reconcile failed: %s %s", namespace, name, e.status, api_error_message(e))
+                return
+
+
+@dataclass(frozen=True)
+class Indexes:
+    jobs: kopf.Index
+    pods: kopf.Index
+    nodes: kopf.Index
 
 
 def api_error_message(e: ApiException) -> str:
@@ -217,27 +271,32 @@ def api_error_message(e: ApiException) -> str:
 # ---- kopf wiring ----------------------------------------------------------------------------
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-async def job_event(event: dict[str, Any], namespace: str, name: str, uid: str, pods_by_job: kopf.Index,
+async def job_event(event: dict[str, Any], namespace: str, name: str, jobs_by_key: kopf.Index, pods_by_job: kopf.Index,
                     nodes_by_name: kopf.Index, **_: Any) -> None:
     if event.get("type") == "DELETED":
         metrics.JOBS.forget(namespace, name)
         _locks.pop((namespace, name), None)
+        _own.forget((namespace, name))
         return
-    await reconcile(namespace, name, uid, pods_by_job, nodes_by_name)
+    job = plain(event["object"])
+    if _own.is_echo(job):
+        return  # our own status write coming back: it was decided from this very state
+    await reconcile(namespace, name, Indexes(jobs_by_key, pods_by_job, nodes_by_name), body=job)
 
 
 @kopf.on.event("pods", labels={render.LABEL_JOB_UID: kopf.PRESENT})
-async def pod_event(labels: kopf.Labels, namespace: str, pods_by_job: kopf.Index, nodes_by_name: kopf.Index, **_: Any) -> None:
-    await reconcile(namespace, labels[render.LABEL_JOB_NAME], labels[render.LABEL_JOB_UID], pods_by_job, nodes_by_name)
+async def pod_event(labels: kopf.Labels, namespace: str, jobs_by_key: kopf.Index, pods_by_job: kopf.Index,
+                    nodes_by_name: kopf.Index, **_: Any) -> None:
+    await reconcile(namespace, labels[render.LABEL_JOB_NAME], Indexes(jobs_by_key, pods_by_job, nodes_by_name))
 
 
-async def _sweep(jobs_index: kopf.Index, pods_index: kopf.Index, nodes_index: kopf.Index) -> None:
+async def _sweep(indexes: Indexes) -> None:
     """Every progress_poll_seconds: progress, cost, deadlines and TTLs for every job."""
     while True:
         await asyncio.sleep(SETTINGS.progress_poll_seconds)
-        for namespace, name in list(jobs_index):
+        for namespace, name in list(indexes.jobs):
             try:
-                await reconcile(namespace, name, None, pods_index, nodes_index, poll=True)
+                await reconcile(namespace, name, indexes, poll=True)
             except Exception:  # one bad job must not stop the sweep
                 metrics.RECONCILE_ERRORS.labels("sweep").inc()
                 log.exception("job=%s/%s sweep failed", namespace, name)
@@ -276,7 +335,9 @@ async def startup(settings: kopf.OperatorSettings, jobs_by_key: kopf.Index, pods
             start_http_server(SETTINGS.metrics_port)
         except OSError as e:  # a second operator in one process (tests) shares the first one's server
             log.warning("metrics port %s: %s", SETTINGS.metrics_port, e)
-    _sweeper = asyncio.create_task(_sweep(jobs_by_key, pods_by_job, nodes_by_name))
+    # Reconciles block on HTTP calls in threads; the default pool (cores + 4) would serialise them.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="reconcile"))
+    _sweeper = asyncio.create_task(_sweep(Indexes(jobs_by_key, pods_by_job, nodes_by_name)))
     log.info("kubetune operator started: %s", SETTINGS.model_dump_json())
 
 

@@ -18,7 +18,11 @@ log = logging.getLogger("kubetune.kube")
 
 class Kube:
     def __init__(self, client: kubernetes.client.ApiClient | None = None):
-        self.client = client or kubernetes.client.ApiClient()
+        if client is None:
+            config = kubernetes.client.Configuration.get_default_copy()
+            config.connection_pool_maxsize = 32  # as many as reconcile threads
+            client = kubernetes.client.ApiClient(config)
+        self.client = client
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
 

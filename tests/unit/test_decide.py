@@ -227,6 +227,9 @@ def test_progress_and_cost_land_in_status():
     assert d.status["progress"]["progressPercentage"] == 25 and d.status["progress"]["estimatedRemainingSeconds"] == 180
     assert d.status["lastCheckpoint"]["step"] == 20
     assert d.status["cost"]["estimatedUsd"] == "2.0000"  # one hour at the test's 1 USD/h
+    # Less than a cost step later: no new accrual, so no status write just for the cost.
+    d2 = decide(observe(after(d, job(status=st)), [pod()], progress=record, now=T0 + dt.timedelta(seconds=30)))
+    assert d2.status["cost"] == d.status["cost"]
 
 
 def test_undeclared_status_fields_are_not_written_back():
