@@ -66,7 +66,24 @@ build_go_main() {  # name version module-path-of-main-package module-to-get
 
 build_etcd() { build_go_main etcd "$ETCD_VERSION" go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3; }
 build_kwok() { build_go_main kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok; }
-build_helm() { build_go_main helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm helm.sh/helm/v3; }
+build_helm() {
+  local out="$CACHE/bin/helm-$HELM_VERSION"
+  have "$out/helm" && return
+  local d; d=$(wrapper helm); cd "$d"
+  log "building helm $HELM_VERSION"
+  go get "helm.sh/helm/v3@$HELM_VERSION" >/dev/null
+  # As helm's Makefile does: its own version, and the Kubernetes version `helm template` and
+  # `helm lint` assume (from its client-go), or charts with a kubeVersion constraint fail.
+  local kv; kv=$(go list -m -f '{{.Version}}' k8s.io/client-go)  # v0.34.x
+  local kminor; kminor=$(echo "$kv" | cut -d. -f2)
+  local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ld+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$kminor"
+  done
+  mkdir -p "$out"
+  go build -trimpath -ldflags "$ld" -o "$out/helm.tmp" helm.sh/helm/v3/cmd/helm
+  mv "$out/helm.tmp" "$out/helm"
+}
 build_minio() { build_go_main minio "$MINIO_VERSION" github.com/minio/minio github.com/minio/minio; }
 build_prometheus() { build_go_main prometheus "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus; }
 
