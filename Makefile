@@ -5,7 +5,7 @@ export KUBETUNE_CACHE
 PY := $(KUBETUNE_CACHE)/venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup unit generate check-generated bench clean-cluster
+.PHONY: demo demo-down test setup unit generate check-generated bench
 
 setup:
 	@hack/setup.sh
@@ -13,6 +13,9 @@ setup:
 ## The main job: a real fine-tune on a local cluster, with one injected preemption.
 demo: setup
 	$(PY) hack/demo.py
+
+demo-down:
+	$(PY) hack/demo.py --down
 
 ## Every test: unit, trainer (real MinIO), cluster (real control plane) and e2e (real node).
 test: setup

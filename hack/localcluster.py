@@ -174,6 +174,7 @@ class ControlPlane:
 
     def start(self, timeout: float = 120) -> "ControlPlane":
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        stop_from_pidfiles(self.state_dir)  # leftovers of an earlier run on this state dir
         self.advertise_ip = host_ip()
         sans = sorted({"127.0.0.1", self.advertise_ip, SERVICE_IP, "localhost", "kubernetes", "kubernetes.default",
                        "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"})
@@ -286,19 +287,39 @@ class ControlPlane:
         shutil.rmtree(self.state_dir / "pids", ignore_errors=True)
 
 
-def stop_from_pidfiles(state_dir: Path) -> None:
-    """`down` for a control plane started by another process (`up`)."""
+def stop_from_pidfiles(state_dir: Path, timeout: float = 20) -> None:
+    """Stop a control plane started by another process, clients first and etcd last, each
+    waited for (an apiserver whose etcd is gone hangs instead of exiting)."""
     pids = state_dir / "pids"
-    order = ["kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
-    for name in order:
+    for name in ["kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]:
         f = pids / name
-        if f.exists():
-            try:
-                os.kill(int(f.read_text()), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            f.unlink()
-    time.sleep(1)
+        if not f.exists():
+            continue
+        pid = int(f.read_text())
+        try:
+            if name not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                raise ProcessLookupError  # a stale pid file (reboot): that pid is someone else now
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.1)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+        f.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

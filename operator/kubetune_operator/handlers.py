@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections import deque
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -305,11 +306,24 @@ async def _sweep(indexes: Indexes) -> None:
 _sweeper: asyncio.Task | None = None
 
 
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In-cluster ServiceAccount, else $KUBECONFIG as it is now (the client library's default
-    path is frozen when it is imported)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    """In-cluster: the ServiceAccount token and the KUBERNETES_SERVICE_* address, as client-go
+    does (kopf's own helper needs cluster DNS for kubernetes.default.svc). Otherwise $KUBECONFIG
+    as it is now (the client library's default path is frozen when it is imported)."""
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    token = SERVICE_ACCOUNT_DIR / "token"
+    if host and token.exists():
+        host = f"[{host}]" if ":" in host else host
+        return kopf.ConnectionInfo(
+            server=f"https://{host}:{port}", ca_path=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
+            token=token.read_text().strip(),  # re-read at every login: projected tokens rotate
+            default_namespace=(SERVICE_ACCOUNT_DIR / "namespace").read_text().strip(),
+        )
+    return kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup()

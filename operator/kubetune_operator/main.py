@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 
 import kopf
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     liveness = f"http://0.0.0.0:{handlers.SETTINGS.health_port}/healthz" if handlers.SETTINGS.health_port else None
     asyncio.run(kopf.operator(
         standalone=True,  # one replica (the chart's Deployment uses the Recreate strategy)
+        # kopf would derive this from the user name; a numeric non-root uid has no passwd entry.
+        identity=f"kubetune-operator@{socket.gethostname()}/{os.getpid()}",
         clusterwide=args.namespace is None,
         namespaces=[args.namespace] if args.namespace else (),
         liveness_endpoint=liveness,

@@ -162,8 +162,11 @@ def worker_pod(
         {"name": tc.ENV_METRICS_PORT, "value": str(tc.METRICS_PORT)},
         {"name": tc.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": tc.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        # Model downloads, checkpoint staging and temp files go to the scratch volume (sized by
+        # resources.ephemeralStorage), not the container's writable layer.
         {"name": "HF_HOME", "value": "/scratch/hf"},
-        {"name": "TMPDIR", "value": "/scratch/tmp"},
+        {"name": "KUBETUNE_WORK_DIR", "value": "/scratch/kubetune"},
+        {"name": "TMPDIR", "value": "/scratch"},
     ]
     secret = spec.s3.credentials_secret
     if secret:

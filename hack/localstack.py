@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Everything `make demo` and the end-to-end tests run on: a real single-node cluster (the
+control plane from localcluster.py, a real kubelet + containerd node from localnode.py), the
+operator and trainer images built with buildah and loaded into the node, MinIO on the host's
+IP (reachable from pods), and the Helm chart installed with the real `helm`.
+
+With a kubeconfig (`LocalStack(kubeconfig=...)`, e.g. kind) it uses that cluster instead of
+booting one: images must already be loaded there (hack/kind-e2e.sh does `kind load`), and
+MinIO still runs on this host, so pods must be able to reach this host's IP.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HACK = Path(__file__).resolve().parent
+REPO = HACK.parent
+for p in (HACK, REPO / "operator", REPO / "trainer", REPO):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import localcluster  # noqa: E402
+from localnode import LocalNode  # noqa: E402
+
+RELEASE = "kubetune"
+SYSTEM_NAMESPACE = "kubetune-system"
+
+
+def project_version() -> str:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def log(msg: str) -> None:
+    print(f"[localstack] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class LocalStack:
+    state_dir: Path
+    kubeconfig: Path | None = None  # an existing cluster; None boots the local one
+    node_labels: dict[str, str] = field(default_factory=lambda: {"karpenter.sh/capacity-type": "spot"})
+    progress_poll_seconds: float = 2.0
+    cp: Any = None
+    node: LocalNode | None = None
+    minio: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+    _generation: int = 0
+
+    # ---- bring-up ---------------------------------------------------------------------------
+    def up(self) -> "LocalStack":
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.stop_leftovers()
+        t0 = time.monotonic()
+        if self.kubeconfig is None:
+            self.cp = localcluster.ControlPlane(self.state_dir / "control-plane").start()
+            self.kubeconfig = self.cp.kubeconfig
+            self.timings["control_plane_s"] = time.monotonic() - t0
+            t1 = time.monotonic()
+            self.start_node()
+            self.timings["node_s"] = time.monotonic() - t1
+            t1 = time.monotonic()
+            self.load_images()
+            self.timings["images_s"] = time.monotonic() - t1
+        t1 = time.monotonic()
+        self.start_minio()
+        self.install_chart()
+        self.timings["chart_s"] = time.monotonic() - t1
+        self.timings["total_s"] = time.monotonic() - t0
+        log("up: " + ", ".join(f"{k}={v:.1f}" for k, v in self.timings.items()))
+        return self
+
+    def start_node(self) -> None:
+        assert self.cp is not None
+        self.node = LocalNode(self.state_dir, self.cp.pki / "ca.crt", self.cp.pki / "ca.key", self.cp.server,
+                              node_labels=self.node_labels)
+        self.node.start()
+        self.node.wait_ready()
+
+    def replace_node(self) -> None:
+        """A spot VM reclaimed and replaced: everything on it dies at once (no SIGTERM), then a
+        new node with a new name joins. Deleting the old Node object is the caller's move."""
+        assert self.node is not None and self.cp is not None
+        self.node.stop()
+        self._generation += 1
+        self.node = LocalNode(self.state_dir, self.cp.pki / "ca.crt", self.cp.pki / "ca.key", self.cp.server,
+                              node_name=f"kubetune-node-{self._generation}", node_labels=self.node_labels)
+        self.node.start()
+        self.node.wait_ready()
+
+    def load_images(self) -> None:
+        """Build (cached layers) and load the operator and trainer images into the node."""
+        assert self.node is not None
+        subprocess.run([str(HACK / "images.sh"), "--address", self.node.containerd_address, "base", "operator", "trainer"],
+                       check=True)
+
+    def start_minio(self) -> None:
+        from tests.fixtures.minio import MinioServer
+
+        host = localcluster.host_ip()  # not 127.0.0.1: pods reach the host through the bridge
+        self.minio = MinioServer(host=host, data_dir=self.state_dir / "minio", log_path=self.state_dir / "minio.log")
+        self.minio.start()
+        (self.state_dir / "minio.pid").write_text(str(self.minio.proc.pid))
+        log(f"MinIO at {self.minio.endpoint}")
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        out = subprocess.run([str(localcluster.binary("helm")), "--kubeconfig", str(self.kubeconfig), *args],
+                             capture_output=True, text=True)
+        if check and out.returncode:
+            raise RuntimeError(f"helm {args[0]} failed ({out.returncode}):\n{out.stderr}{out.stdout[-2000:]}")
+        return out
+
+    def install_chart(self) -> None:
+        version = project_version()
+        out = self.helm(
+            "upgrade", "--install", RELEASE, str(REPO / "charts" / "kubetune"), "-n", SYSTEM_NAMESPACE, "--create-namespace",
+            "--set", f"operator.image.tag={version}", "--set", "operator.image.pullPolicy=Never",
+            "--set", f"trainer.image=localhost/kubetune-trainer:{version}", "--set", "trainer.pullPolicy=Never",
+            "--set-json", f"progressPollSeconds={self.progress_poll_seconds}",
+            "--wait", "--timeout", "5m",
+        )
+        log(out.stdout.strip().splitlines()[0] if out.stdout else "chart installed")
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def api(self):
+        import kubernetes
+
+        return kubernetes.config.new_client_from_config(str(self.kubeconfig))
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(localcluster.binary("kubectl")), "--kubeconfig", str(self.kubeconfig), *args],
+                              capture_output=True, text=True, check=check)
+
+    def s3_secret(self, namespace: str, name: str = "kubetune-demo-s3") -> None:
+        """The credentials Secret a FineTuneJob names (MinIO's root keys, for the demo)."""
+        import kubernetes
+        from kubernetes.client.rest import ApiException
+
+        core = kubernetes.client.CoreV1Api(self.api())
+        body = {"metadata": {"name": name}, "stringData": self.minio.env()}
+        try:
+            core.create_namespaced_secret(namespace, body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            core.replace_namespaced_secret(name, namespace, body)
+
+    def seed_demo_data(self, bucket: str = "kubetune-demo", records: int = 600) -> dict[str, str]:
+        """A tiny Llama (random weights, tokenizer trained here) and an instruction dataset, in MinIO."""
+        import tempfile
+
+        from kubetune_trainer import s3 as s3lib
+        from tests.fixtures.tiny_model import build_tiny_model, instruction_records, write_jsonl
+
+        client = self.minio.client()
+        try:
+            client.create_bucket(Bucket=bucket)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = build_tiny_model(Path(tmp) / "tiny-llama")
+            s3lib.upload_dir(client, model_dir, f"s3://{bucket}/models/tiny-llama")
+            data = write_jsonl(Path(tmp) / "instructions.jsonl", instruction_records(records, seed=7))
+            s3lib.upload_file(client, data, f"s3://{bucket}/datasets/instructions.jsonl")
+        return {"model": f"s3://{bucket}/models/tiny-llama", "dataset": f"s3://{bucket}/datasets/instructions.jsonl"}
+
+    def operator_logs(self) -> str:
+        return self.kubectl("-n", SYSTEM_NAMESPACE, "logs", f"deploy/{RELEASE}-operator", "--tail=400", check=False).stdout
+
+    # ---- tear-down --------------------------------------------------------------------------
+    def stop_leftovers(self) -> None:
+        """Stop what an earlier run on this state dir left running (the demo keeps its cluster up)."""
+        import signal
+
+        pid_file = self.state_dir / "minio.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+                time.sleep(1)
+            except ProcessLookupError:
+                pass
+            pid_file.unlink()
+        if self.kubeconfig is None:
+            if (self.state_dir / "node" / "node.json").exists():
+                LocalNode(self.state_dir, self.state_dir / "control-plane" / "pki" / "ca.crt",
+                          self.state_dir / "control-plane" / "pki" / "ca.key", "https://127.0.0.1:1").stop()
+            localcluster.stop_from_pidfiles(self.state_dir / "control-plane")
+
+    def down(self) -> None:
+        if self.minio is not None:
+            self.minio.stop(remove_data=False)
+        if self.node is not None:
+            self.node.stop()
+        if self.cp is not None:
+            self.cp.stop()
+        log(f"down; logs in {self.state_dir / 'logs'} and {self.state_dir / 'control-plane' / 'logs'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="bring the local stack up (Ctrl-C tears it down)")
+    ap.add_argument("--state-dir", type=Path, default=localcluster.cache_dir() / "localstack")
+    args = ap.parse_args(argv)
+    kubeconfig = os.environ.get("KUBETUNE_KUBECONFIG")
+    stack = LocalStack(args.state_dir, Path(kubeconfig) if kubeconfig else None).up()
+    print(json.dumps({"kubeconfig": str(stack.kubeconfig), "minio": stack.minio.endpoint}), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Prometheus metrics and the trainer's HTTP server (/metrics, /progress, /healthz).
+
+The server runs in a daemon thread; nothing here may fail training: every update is wrapped, and
+a port that cannot be bound only logs a warning. GPU utilization and memory come from NVML at
+scrape time when `pynvml` (nvidia-ml-py) and a driver are present; on CPU those series are absent.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from . import logs
+
+
+class _NvmlCollector:
+    """GPU utilization (ratio) and memory used (bytes) per visible GPU, read at scrape time."""
+
+    def __init__(self):
+        self._nvml = None
+        self._handles = []
+        try:
+            import pynvml  # lazily: absent on CPU images
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:
+            self._nvml = None
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None and bool(self._handles)
+
+    def collect(self):
+        if not self.available:
+            return []
+        util = GaugeMetricFamily("kubetune_trainer_gpu_utilization_ratio", "GPU utilization (0-1)", labels=["gpu"])
+        mem = GaugeMetricFamily("kubetune_trainer_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("kubetune_trainer_gpu_memory_total_bytes", "GPU memory size", labels=["gpu"])
+        for i, h in enumerate(self._handles):
+            try:
+                u = self._nvml.nvmlDeviceGetUtilizationRates(h)
+                m = self._nvml.nvmlDeviceGetMemoryInfo(h)
+                util.add_metric([str(i)], u.gpu / 100.0)
+                mem.add_metric([str(i)], float(m.used))
+                total.add_metric([str(i)], float(m.total))
+            except Exception:
+                continue
+        return [util, mem, total]
+
+    def describe(self):
+        return []
+
+
+class TrainerMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.step = Gauge("kubetune_trainer_step", "Optimizer steps completed", registry=r)
+        self.total_steps = Gauge("kubetune_trainer_total_steps", "Optimizer steps planned", registry=r)
+        self.loss = Gauge("kubetune_trainer_loss", "Training loss of the last logged step", registry=r)
+        self.eval_loss = Gauge("kubetune_trainer_eval_loss", "Last evaluation loss", registry=r)
+        self.lr = Gauge("kubetune_trainer_learning_rate", "Current learning rate", registry=r)
+        self.tps = Gauge("kubetune_trainer_tokens_per_second", "Training throughput, tokens (all ranks)", registry=r)
+        self.sps = Gauge("kubetune_trainer_samples_per_second", "Training throughput, sequences (all ranks)", registry=r)
+        self.tokens = Counter("kubetune_trainer_tokens", "Tokens trained on (all ranks)", registry=r)
+        # (checkpoint upload metrics, kubetune_checkpoint_*, come from CheckpointStore on this registry)
+        self.checkpoint_save = Gauge("kubetune_trainer_checkpoint_local_save_seconds",
+                                     "Training time blocked by the last local checkpoint save", registry=r)
+        self.nvml = _NvmlCollector()
+        if self.nvml.available:
+            r.register(self.nvml)
+
+    def safe(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "kubetune-trainer"
+
+    def do_GET(self):  # noqa: N802
+        try:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                body, ctype = generate_latest(self.server.metrics.registry), "text/plain; version=0.0.4; charset=utf-8"
+            elif path == "/progress":
+                body, ctype = json.dumps(self.server.progress()).encode(), "application/json"
+            elif path in ("/healthz", "/"):
+                body, ctype = b"ok\n", "text/plain"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except Exception:
+            try:
+                self.send_error(500)
+            except Exception:
+                pass
+
+    def log_message(self, *args):  # no access log lines
+        pass
+
+
+class MetricsServer:
+    def __init__(self, metrics: TrainerMetrics, progress: Callable[[], dict], port: int, host: str = "0.0.0.0"):
+        self.port = None
+        self._httpd = None
+        try:
+            httpd = ThreadingHTTPServer((host, port), _Handler)
+        except OSError as e:
+            logs.log("metrics_server_unavailable", "warning", port=port, error=str(e))
+            return
+        httpd.daemon_threads = True
+        httpd.metrics = metrics
+        httpd.progress = progress
+        self._httpd = httpd
+        self.port = httpd.server_address[1]
+        threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+        logs.log("metrics_server_started", port=self.port)
+
+    def close(self) -> None:
+        if self._httpd is not None:
+            try:
+                self._httpd.shutdown()
+                self._httpd.server_close()
+            except Exception:
+                pass

@@ -1,0 +1,201 @@
+"""Model side: where the base model comes from, precision, LoRA / QLoRA / full, DeepSpeed presets.
+
+- Source: a local directory (pvc:// arrives as one, see config.local_path_for_uri), an s3:// prefix
+  (downloaded to local disk first, by the caller through kubetune_trainer.s3), or a hub id.
+- Precision "auto": bf16 when CUDA supports it, else fp32. fp16 and QLoRA need a GPU.
+- LoRA keeps the base weights frozen (in the compute dtype) and trains fp32 adapters.
+- QLoRA: bitsandbytes 4-bit nf4 with double quantisation and bf16 compute; bitsandbytes is
+  imported only here, only when asked for (it is absent from CPU images).
+- DeepSpeed presets are data files in kubetune_trainer/deepspeed/*.json; "auto" values are filled
+  from the TrainingSpec. Used only with GPUs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from .config import TrainerConfig
+from .errors import UserError
+
+DEEPSPEED_PRESETS = ("zero2", "zero2-offload", "zero3", "zero3-offload")
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # bf16 | fp16 | fp32
+    dtype: Any  # torch dtype for autocast / frozen weights
+    autocast: bool
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.name == "fp16"
+
+
+def resolve_precision(requested: str, cuda: bool) -> Precision:
+    import torch
+
+    name = requested
+    if requested == "auto":
+        name = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and not cuda:
+        raise UserError("training.precision=fp16 needs a GPU; use fp32 or bf16 (or auto) on CPU")
+    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("training.precision=bf16 is not supported by this GPU; use fp16 or auto")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return Precision(name, dtype, name != "fp32")
+
+
+def check_method_supported(cfg: TrainerConfig, cuda: bool) -> None:
+    """Fail fast (exit 2) on combinations this machine cannot run."""
+    if cfg.method == "qlora" and not cuda:
+        raise UserError("method=qlora needs a GPU (bitsandbytes 4-bit quantisation); this trainer "
+                        "has no CUDA device: use method=lora, or request GPUs (gpusPerWorker)")
+    if cfg.training.deepspeed != "none" and not cuda:
+        raise UserError(f"training.deepspeed={cfg.training.deepspeed} needs GPUs; "
+                        "set deepspeed: none for CPU training")
+
+
+def load_tokenizer(src: str, cfg: TrainerConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            src, revision=cfg.base_model.revision, trust_remote_code=cfg.base_model.trust_remote_code
+        )
+    except OSError as e:
+        raise UserError(f"baseModel.uri: cannot load a tokenizer from {cfg.base_model.uri}: {e}") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise UserError(f"baseModel.uri: the tokenizer of {cfg.base_model.uri} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _lora_targets(targets: list[str]):
+    if len(targets) == 1 and targets[0].lower() == "all-linear":
+        return "all-linear"
+    return list(targets)
+
+
+def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
+    """The base model (frozen for lora/qlora, wrapped by peft) on `device`, ready to train."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(revision=cfg.base_model.revision,
+                                  trust_remote_code=cfg.base_model.trust_remote_code)
+    if cfg.method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401  (imported only for qlora; absent on CPU images)
+        except Exception as e:
+            raise UserError(f"method=qlora needs bitsandbytes, which this trainer image lacks ({e})") from None
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if precision.name in ("bf16", "fp32") else torch.float16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": device.index or 0}
+    elif cfg.method == "lora":
+        # Frozen base weights in the compute dtype (halves memory under bf16); adapters stay fp32.
+        kwargs["dtype"] = precision.dtype
+    else:
+        kwargs["dtype"] = torch.float32  # full fine-tuning: fp32 master weights, autocast computes
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"baseModel.uri: cannot load a causal LM from {cfg.base_model.uri}: {e}") from None
+    model.config.use_cache = False
+    if cfg.method != "qlora":
+        model.to(device)
+
+    gc = cfg.training.gradient_checkpointing
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if cfg.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        lc = LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=_lora_targets(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(model, lc)
+        except ValueError as e:
+            raise UserError(f"lora.targetModules: {e}") from None
+        if gc and cfg.method == "lora":
+            model.enable_input_require_grads()
+    return model
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counted the way peft counts them."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return tuple(model.get_nb_trainable_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def deepspeed_preset(name: str) -> dict:
+    if name not in DEEPSPEED_PRESETS:
+        raise UserError(f"training.deepspeed: unknown preset {name!r} (one of {', '.join(DEEPSPEED_PRESETS)})")
+    text = resources.files("kubetune_trainer").joinpath("deepspeed", f"{name}.json").read_text()
+    return json.loads(text)
+
+
+def deepspeed_config(cfg: TrainerConfig, precision: Precision) -> dict:
+    """A preset with every "auto" filled from the TrainingSpec."""
+    t = cfg.training
+    ds = deepspeed_preset(t.deepspeed)
+
+    def fill(d: dict, key: str, value):
+        if d.get(key) == "auto":
+            d[key] = value
+
+    fill(ds, "train_micro_batch_size_per_gpu", t.batch_size)
+    fill(ds, "gradient_accumulation_steps", t.gradient_accumulation_steps)
+    fill(ds, "gradient_clipping", t.max_grad_norm)
+    ds.pop("train_batch_size", None)
+    ds["bf16"] = {"enabled": precision.name == "bf16"}
+    ds["fp16"] = {"enabled": precision.name == "fp16", "loss_scale": 0, "initial_scale_power": 16}
+    opt = ds.get("optimizer", {}).get("params", {})
+    fill(opt, "lr", t.learning_rate)
+    fill(opt, "weight_decay", t.weight_decay)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def unwrap(model):
+    """The model under DDP / DeepSpeed wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+
+        return isinstance(unwrap(model), PeftModel)
+    except Exception:
+        return False
+
+
+def cuda_available() -> bool:
+    import torch
+
+    if os.environ.get("KUBETUNE_FORCE_CPU") == "1":
+        return False
+    return torch.cuda.is_available()
