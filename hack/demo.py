@@ -70,7 +70,7 @@ def main() -> int:
     print("== kubetune demo: bringing up the local cluster, images, MinIO and the operator chart", flush=True)
     stack.up()
     try:
-        uris = stack.seed_demo_data()
+        uris = stack.seed_demo_data(hidden=256, layers=4)  # big enough to watch it train for a minute
         print(f"== tiny model at {uris['model']}, data at {uris['dataset']}", flush=True)
         stack.s3_secret(NAMESPACE)
         job = yaml.safe_load((REPO / "manifests" / "examples" / "cpu-lora-tiny.yaml").read_text())

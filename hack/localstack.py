@@ -152,7 +152,8 @@ class LocalStack:
                 raise
             core.replace_namespaced_secret(name, namespace, body)
 
-    def seed_demo_data(self, bucket: str = "kubetune-demo", records: int = 600) -> dict[str, str]:
+    def seed_demo_data(self, bucket: str = "kubetune-demo", records: int = 600, hidden: int = 64,
+                       layers: int = 2) -> dict[str, str]:
         """A tiny Llama (random weights, tokenizer trained here) and an instruction dataset, in MinIO."""
         import tempfile
 
@@ -165,7 +166,7 @@ class LocalStack:
         except client.exceptions.BucketAlreadyOwnedByYou:
             pass
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = build_tiny_model(Path(tmp) / "tiny-llama")
+            model_dir = build_tiny_model(Path(tmp) / "tiny-llama", hidden=hidden, layers=layers)
             s3lib.upload_dir(client, model_dir, f"s3://{bucket}/models/tiny-llama")
             data = write_jsonl(Path(tmp) / "instructions.jsonl", instruction_records(records, seed=7))
             s3lib.upload_file(client, data, f"s3://{bucket}/datasets/instructions.jsonl")

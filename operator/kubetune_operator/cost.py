@@ -1,4 +1,4 @@
-"""GPU-hours and estimated USD, accrued in the job's status while its pods hold nodes. Pure."""
+"""GPU-hours and estimated USD, accrued in the job's status for the time trainer containers run. Pure."""
 from __future__ import annotations
 
 import datetime as dt
@@ -33,24 +33,29 @@ def price_per_hour(settings: "Settings", node: "NodeView | None", resources: "Re
 
 def accrue(
     cost: dict[str, Any] | None,
-    running: Iterable["PodView"],
+    pods: Iterable["PodView"],
     nodes: dict[str, "NodeView"],
     resources: "ResourcesSpec",
     price: Callable[["NodeView | None", "ResourcesSpec"], float],
     now: dt.datetime,
 ) -> dict[str, Any]:
-    """Add the time since `accruedUntil` for every running worker. Idempotent for a given `now`."""
+    """Add, for every worker container, the part of its run between `accruedUntil` and `now`.
+    Idempotent for a given `now`."""
     from .decide import parse_time, rfc3339
 
     now = now.replace(microsecond=0)  # accruedUntil has second resolution; stay consistent with it
     cost = dict(cost or {})
     since = parse_time(cost.get("accruedUntil")) or now
-    hours = max(0.0, (now - since).total_seconds() / 3600)
     usd = float(cost.get("estimatedUsd", "0") or 0)
     gpu_hours = float(cost.get("gpuHours", 0.0))
     spot_gpu_hours = float(cost.get("spotGpuHours", 0.0))
-    for pod in running:
-        node = nodes.get(pod.node or "")
+    for pod in pods:
+        if pod.started_at is None or not pod.node:
+            continue
+        start = max(since, pod.started_at)
+        end = min(now, pod.finished_at or now)
+        hours = max(0.0, (end - start).total_seconds() / 3600)
+        node = nodes.get(pod.node)
         usd += hours * price(node, resources)
         gpu_hours += hours * resources.gpus
         if node is not None and node.capacity_type == "spot":

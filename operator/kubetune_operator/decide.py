@@ -56,6 +56,8 @@ class PodView:
     unschedulable: str | None = None  # PodScheduled=False message
     waiting_reason: str | None = None
     waiting_message: str | None = None
+    started_at: dt.datetime | None = None  # the trainer container's start (cost accrues from here)
+    finished_at: dt.datetime | None = None  # ... and its end
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,8 @@ def _end_attempt(st: dict[str, Any], obs: Observed, d: Decision, attempt: int, a
 
 
 def _progress(st: dict[str, Any], record: ProgressRecord, now: dt.datetime) -> None:
+    if record.phase in ("starting", "preflight", "loading") and st.get("progress"):
+        return  # a resuming trainer says step 0 until its checkpoint is loaded: keep the last progress
     prog = {
         "step": record.step,
         "totalSteps": record.total_steps,
@@ -223,13 +227,14 @@ def decide(obs: Observed) -> Decision:
     older_alive = [p for p in obs.pods if p.attempt < attempt and p.phase not in ("Succeeded", "Failed")]
     alive = [p for p in current if p.phase not in ("Succeeded", "Failed")]
 
-    # Cost accrues for running pods in COST_STEP_SECONDS steps: a status write per job per
-    # minute at most, not one per event (each write is itself an event).
+    # Cost accrues for the time containers ran, in COST_STEP_SECONDS steps (a status write per
+    # job per minute at most, not one per event: each write is itself an event), and at once
+    # when a container has ended since the last step (its tail must not be lost).
     if obs.spec is not None and obs.gpu_price is not None:
         since = parse_time((st.get("cost") or {}).get("accruedUntil"))
-        if since is None or (now - since).total_seconds() >= COST_STEP_SECONDS:
-            st["cost"] = accrue(st.get("cost"), [p for p in obs.pods if p.node and p.phase == "Running"],
-                                obs.nodes, obs.spec.resources, obs.gpu_price, now)
+        ended = any(p.finished_at and (since is None or p.finished_at > since) for p in obs.pods)
+        if since is None or ended or (now - since).total_seconds() >= COST_STEP_SECONDS:
+            st["cost"] = accrue(st.get("cost"), obs.pods, obs.nodes, obs.spec.resources, obs.gpu_price, now)
 
     if st.get("phase") in ("Succeeded", "Failed"):
         # Finished: never recreate children; stop stragglers; honour the TTL.

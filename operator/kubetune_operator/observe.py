@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .decide import NodeView, PodView
+from .decide import NodeView, PodView, parse_time
 from .render import CONTAINER, LABEL_ATTEMPT, LABEL_RANK
 from .settings import Settings
 
@@ -14,6 +14,7 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     status = pod.get("status") or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     exit_code = reason = message = waiting_reason = waiting_message = None
+    started_at = finished_at = None
     for cs in status.get("containerStatuses") or []:
         if cs.get("name") != CONTAINER:
             continue
@@ -23,6 +24,9 @@ def pod_view(pod: dict[str, Any]) -> PodView:
             exit_code = term.get("exitCode")
             reason = term.get("reason")
             message = term.get("message")
+            started_at, finished_at = parse_time(term.get("startedAt")), parse_time(term.get("finishedAt"))
+        elif state.get("running"):
+            started_at = parse_time(state["running"].get("startedAt"))
         waiting = state.get("waiting")
         if waiting:
             waiting_reason, waiting_message = waiting.get("reason"), waiting.get("message")
@@ -50,6 +54,8 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         unschedulable=unschedulable,
         waiting_reason=waiting_reason,
         waiting_message=waiting_message,
+        started_at=started_at,
+        finished_at=finished_at,
     )
 
 

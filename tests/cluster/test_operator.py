@@ -117,7 +117,7 @@ def test_job_gets_an_owned_trainer_pod_and_config(jobs, spec, fake_nodes):
     config = TrainerConfig.loads(cm.data["trainer-config.json"])
     assert config.job.uid == job["metadata"]["uid"]
     assert config.checkpoint_prefix == f"s3://kubetune-demo/checkpoints/{jobs.ns}/happy"
-    assert config.training.max_steps == 120 and config.method == "lora"
+    assert config.training.max_steps == 300 and config.method == "lora"
 
     wait_for(lambda: phase(jobs, "happy") == "Running", what="job Running")
     st = jobs.status("happy")

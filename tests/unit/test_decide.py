@@ -27,7 +27,7 @@ def observe(j, pods=(), now=T0, **kw) -> Observed:
 
 
 def pod(attempt=0, rank=0, phase="Running", **kw) -> PodView:
-    defaults = {"node": "n1", "ip": "10.0.0.5"} if phase != "Pending" else {}
+    defaults = {"node": "n1", "ip": "10.0.0.5", "started_at": T0 - dt.timedelta(hours=3)} if phase != "Pending" else {}
     return PodView(name=f"j-a{attempt}-w{rank}", attempt=attempt, rank=rank, phase=phase, **{**defaults, **kw})
 
 
@@ -251,3 +251,19 @@ def test_pod_rejected_is_final_for_invalid_and_pending_for_quota():
     assert st["phase"] == "Failed" and "env[5].name" in st["message"] and "workers" not in st
     st = pod_rejected({"phase": "Pending"}, "exceeded quota: gpu", False, T0, 1)
     assert st["phase"] == "Pending"
+
+
+def test_a_resuming_trainer_does_not_reset_the_progress_shown():
+    st = {"attempt": 1, "phase": "Running", "progress": {"step": 100, "totalSteps": 120, "progressPercentage": 83}}
+    d = decide(observe(job(status=st), [pod(attempt=1)], progress=ProgressRecord(phase="loading", step=0)))
+    assert d.status["progress"]["step"] == 100
+    d = decide(observe(job(status=st), [pod(attempt=1)],
+                       progress=ProgressRecord(phase="training", step=101, total_steps=120, resumed_from_step=100)))
+    assert d.status["progress"]["step"] == 101 and d.status["progress"]["resumedFromStep"] == 100
+
+
+def test_cost_of_a_finished_container_is_accrued_at_once():
+    st = {"attempt": 0, "phase": "Running", "cost": {"estimatedUsd": "0.0000", "accruedUntil": "2026-11-22T12:00:00Z"}}
+    done = pod(phase="Succeeded", exit_code=0, started_at=T0 - dt.timedelta(hours=1), finished_at=T0 + dt.timedelta(seconds=36))
+    d = decide(observe(job(status=st), [done], now=T0 + dt.timedelta(seconds=40)))
+    assert d.status["cost"]["estimatedUsd"] == "0.0100"  # 36 s at 1 USD/h, not the 40 s to now
