@@ -111,6 +111,8 @@ def run(n: int, cp: localcluster.ControlPlane, api: kubernetes.client.ApiClient,
         time.sleep(0.5)
     time.sleep(2)
     peak_rss = max(peak_rss, proc.memory_info().rss)
+    cpu = proc.cpu_times()
+    operator_cpu_s = cpu.user + cpu.system
     done.set()
     op.terminate()
     op.wait(30)
@@ -138,6 +140,7 @@ def run(n: int, cp: localcluster.ControlPlane, api: kubernetes.client.ApiClient,
         "api_requests_per_job": round(requests["total"] / n, 1),
         "requests_by_kind": dict(sorted(requests.items(), key=lambda kv: -kv[1])[:10]),
         "operator_peak_rss_mb": round(peak_rss / 2**20, 1),
+        "operator_cpu_ms_per_job": round(1000 * operator_cpu_s / n, 1),
     }
 
 
@@ -170,10 +173,10 @@ def main() -> int:
         cp.stop()
     print(f"machine: {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}; "
           f"date {time.strftime('%Y-%m-%d')}; logs in {workdir}")
-    print(f"{'jobs':>5} {'pods':>5} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'req/job':>8} {'RSS MB':>7}")
+    print(f"{'jobs':>5} {'pods':>5} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'req/job':>8} {'RSS MB':>7} {'CPU ms/job':>10}")
     for r in results:
         print(f"{r['jobs']:>5} {r['pods_created']:>5} {r['p50_s']:>7} {r['p99_s']:>7} {r['max_s']:>7} "
-              f"{r['api_requests_per_job']:>8} {r['operator_peak_rss_mb']:>7}")
+              f"{r['api_requests_per_job']:>8} {r['operator_peak_rss_mb']:>7} {r['operator_cpu_ms_per_job']:>10}")
         print("       requests:", r["requests_by_kind"])
     return 0
 

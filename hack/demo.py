@@ -53,7 +53,7 @@ def status_line(st: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--state-dir", type=Path, default=localstack.localcluster.cache_dir() / "demo")
+    ap.add_argument("--state-dir", type=Path, default=localstack.default_state_dir())
     ap.add_argument("--preempt-at", type=int, default=40, help="evict the trainer at this progress %% (0: never)")
     ap.add_argument("--down", action="store_true", help="only stop the cluster an earlier demo left running")
     ap.add_argument("--timeout", type=float, default=1800)

@@ -38,6 +38,13 @@ def project_version() -> str:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
+def default_state_dir() -> Path:
+    """One state dir for the demo, the e2e tests and the benchmarks: the node's containerd keeps
+    the 6 GB trainer image unpacked there, so every run after the first reuses it (and a new
+    run stops whatever an earlier one left running, since only one node fits on a host)."""
+    return localcluster.cache_dir() / "localstack"
+
+
 def log(msg: str) -> None:
     print(f"[localstack] {msg}", file=sys.stderr, flush=True)
 
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description="bring the local stack up (Ctrl-C tears it down)")
-    ap.add_argument("--state-dir", type=Path, default=localcluster.cache_dir() / "localstack")
+    ap.add_argument("--state-dir", type=Path, default=default_state_dir())
     args = ap.parse_args(argv)
     kubeconfig = os.environ.get("KUBETUNE_KUBECONFIG")
     stack = LocalStack(args.state_dir, Path(kubeconfig) if kubeconfig else None).up()

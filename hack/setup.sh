@@ -17,7 +17,7 @@ fi
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # Reinstall only when the pins or the package metadata changed.
-stamp=$(cat "$repo/hack/constraints.txt" "$repo/pyproject.toml" | sha256sum | cut -c1-16)
+stamp=$( (echo "$repo"; cat "$repo/hack/constraints.txt" "$repo/pyproject.toml") | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.kubetune-stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "[setup] installing Python packages into $VENV (torch from PyPI is large: first run takes minutes)" >&2
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null

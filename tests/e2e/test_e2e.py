@@ -26,14 +26,14 @@ GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def stack():
     import sys
 
     sys.path.insert(0, str(REPO / "hack"))
-    from localstack import LocalStack
+    from localstack import LocalStack, default_state_dir
 
     given = os.environ.get("KUBETUNE_E2E_KUBECONFIG")
-    s = LocalStack(tmp_path_factory.mktemp("e2e"), Path(given) if given else None, progress_poll_seconds=1.0)
+    s = LocalStack(default_state_dir(), Path(given) if given else None, progress_poll_seconds=1.0)
     try:
         s.up()
         s.uris = s.seed_demo_data(records=400)
