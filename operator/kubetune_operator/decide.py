@@ -105,9 +105,15 @@ def rfc3339(t: dt.datetime) -> str:
 
 
 def parse_time(s: str | None) -> dt.datetime | None:
+    """RFC 3339 in any of the forms Kubernetes components write (Z or +00:00, fractions);
+    None for absent or unreadable values, which must never stop a reconcile."""
     if not s:
         return None
-    return dt.datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    try:
+        t = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def set_condition(status: dict[str, Any], ctype: str, value: bool, reason: str, message: str, now: dt.datetime, generation: int | None) -> bool:

@@ -95,5 +95,7 @@ def test_operator_works_under_the_charts_rbac(cluster, kube_api, namespace, spec
         reasons = {e.reason for e in jobs.events("rbac")}
         assert {"PodsCreated", "Preempted"} <= reasons
     log = op.log_text()
-    assert "403" not in log and "forbidden" not in log.lower(), log[-3000:]
+    # RBAC denials name the identity ("User ... cannot ..."); other tests' namespaces being
+    # deleted also answer 403, for Events, and are no RBAC gap.
+    assert "system:serviceaccount:kubetune-system:kt-operator\" cannot" not in log, log[-3000:]
     assert not op.tracebacks()

@@ -267,3 +267,17 @@ def test_cost_of_a_finished_container_is_accrued_at_once():
     done = pod(phase="Succeeded", exit_code=0, started_at=T0 - dt.timedelta(hours=1), finished_at=T0 + dt.timedelta(seconds=36))
     d = decide(observe(job(status=st), [done], now=T0 + dt.timedelta(seconds=40)))
     assert d.status["cost"]["estimatedUsd"] == "0.0100"  # 36 s at 1 USD/h, not the 40 s to now
+
+
+@pytest.mark.parametrize("text", ["2026-11-22T12:00:00Z", "2026-11-22T12:00:00+00:00", "2026-11-22T12:00:00.123456Z",
+                                  "2026-11-22T13:00:00+01:00"])
+def test_parse_time_reads_every_rfc3339_form_kubernetes_writes(text):
+    from kubetune_operator.decide import parse_time
+
+    assert parse_time(text).replace(microsecond=0) == T0
+
+
+def test_parse_time_never_raises():
+    from kubetune_operator.decide import parse_time
+
+    assert parse_time("yesterday") is None and parse_time(None) is None
