@@ -21,7 +21,6 @@ LABEL_ATTEMPT = "kubetune.io/attempt"
 LABEL_RANK = "kubetune.io/rank"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/name": "kubetune-trainer"}
 CONTAINER = "trainer"
-PVC_MOUNT_ROOT = "/mnt/kubetune/pvc"
 
 
 def pod_name(job_name: str, attempt: int, rank: int) -> str:
@@ -45,26 +44,18 @@ def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def pvc_claims(spec: api.FineTuneJobSpec) -> list[str]:
+    """Claims named by pvc:// URIs; each is mounted at config.PVC_MOUNT_ROOT/<claim>, where the
+    trainer looks for them (config.local_path_for_uri)."""
     uris = [spec.base_model.uri, spec.dataset.uri, spec.dataset.validation_uri or ""]
-    return sorted({u[len("pvc://"):].split("/", 1)[0] for u in uris if u.startswith("pvc://")})
-
-
-def local_uri(uri: str | None) -> str | None:
-    """pvc://claim/path -> the path where the pod mounts that claim; other URIs pass through."""
-    if not uri or not uri.startswith("pvc://"):
-        return uri
-    claim, _, rest = uri[len("pvc://"):].partition("/")
-    return f"{PVC_MOUNT_ROOT}/{claim}/{rest}".rstrip("/")
+    return sorted({c for c in map(tc.pvc_claim, uris) if c})
 
 
 def trainer_config(job: dict[str, Any], spec: api.FineTuneJobSpec) -> tc.TrainerConfig:
     meta = job["metadata"]
     return tc.TrainerConfig(
         job=tc.JobRef(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"]),
-        base_model=spec.base_model.model_copy(update={"uri": local_uri(spec.base_model.uri)}),
-        dataset=spec.dataset.model_copy(
-            update={"uri": local_uri(spec.dataset.uri), "validation_uri": local_uri(spec.dataset.validation_uri)}
-        ),
+        base_model=spec.base_model,
+        dataset=spec.dataset,
         method=spec.method,
         lora=spec.lora,
         training=spec.training,
@@ -186,7 +177,7 @@ def worker_pod(
     ]
     for i, claim in enumerate(pvc_claims(spec)):
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{tc.PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
 
     required, preferred, tolerations = _placement(spec, settings, on_demand)
     labels = {

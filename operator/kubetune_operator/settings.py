@@ -33,8 +33,9 @@ class Settings(BaseModel):
         "karpenter.sh/capacity-type",
         description="Node label that tells spot from on-demand nodes (EKS: eks.amazonaws.com/capacityType).",
     )
-    spot_value: str = Field("spot", description="Value of capacity_type_label on spot nodes (EKS: SPOT).")
-    on_demand_value: str = Field("on-demand", description="Value on on-demand nodes (EKS: ON_DEMAND).")
+    spot_value: str = Field(
+        "spot", description="Value of capacity_type_label on spot nodes (EKS: SPOT); any other value is on-demand."
+    )
     spot_tolerations: list[dict[str, Any]] = Field(
         default_factory=lambda: [{"key": "kubetune.io/spot", "operator": "Exists", "effect": "NoSchedule"}],
         description="Tolerations added to pods that may run on spot nodes (match your spot taints).",

@@ -26,11 +26,13 @@ def test_config_map_round_trips_through_the_contract():
     assert cm["metadata"]["ownerReferences"][0]["uid"] == "u-1"
 
 
-def test_pvc_uris_are_mounted_and_rewritten_to_local_paths():
+def test_pvc_claims_are_mounted_where_the_trainer_looks_for_them():
+    from kubetune_trainer.config import local_path_for_uri
+
     j, spec = job(baseModel={"uri": "pvc://models/llama/8b"}, dataset={"uri": "pvc://data/train.jsonl"})
     cfg = render.trainer_config(j, spec)
-    assert cfg.base_model.uri == "/mnt/kubetune/pvc/models/llama/8b"
-    assert cfg.dataset.uri == "/mnt/kubetune/pvc/data/train.jsonl"
+    assert local_path_for_uri(cfg.base_model.uri) == "/mnt/kubetune/pvc/models/llama/8b"
+    assert local_path_for_uri(cfg.dataset.uri) == "/mnt/kubetune/pvc/data/train.jsonl"
     pod = render.worker_pod(j, spec, Settings(), 0, 0, "127.0.0.1")
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"models", "data"}
