@@ -45,9 +45,7 @@ def run(n: int, cp: localcluster.ControlPlane, api: kubernetes.client.ApiClient,
     core = kubernetes.client.CoreV1Api(api)
     custom = kubernetes.client.CustomObjectsApi(api)
     ns = f"bench-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": ns}})
-    while not core.list_namespaced_service_account(ns).items:
-        time.sleep(0.1)
+    localcluster.create_namespace(core, ns)
     core.create_namespaced_secret(ns, {"metadata": {"name": "s3-creds"},
                                        "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}})
 

@@ -29,6 +29,7 @@ sys.path[:0] = [str(REPO / "hack"), str(REPO)]
 import kubernetes  # noqa: E402
 import yaml  # noqa: E402
 
+import localcluster  # noqa: E402
 from localstack import LocalStack, default_state_dir  # noqa: E402
 
 NS = f"recovery-{os.getpid()}"  # a fresh namespace: the stack's state dir persists across runs
@@ -117,9 +118,7 @@ def main() -> int:
     try:
         stack.seed_demo_data(hidden=256, layers=4)
         core = kubernetes.client.CoreV1Api(stack.api())
-        core.create_namespace({"metadata": {"name": NS}})
-        while not core.list_namespaced_service_account(NS).items:
-            time.sleep(0.2)
+        localcluster.create_namespace(core, NS)
         stack.s3_secret(NS)
         results = [run_case(stack, "rec-evict", "eviction"), run_case(stack, "rec-node", "node replaced")]
         core.delete_namespace(NS)

@@ -35,14 +35,31 @@ SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"  # first address of SERVICE_CIDR: the `kubernetes` Service
 
 
-def versions() -> dict[str, str]:
+def versions(path: Path = HACK / "versions.env") -> dict[str, str]:
+    """hack/versions.env (KEY=value lines), the one place pinned versions live."""
     out = {}
-    for line in (HACK / "versions.env").read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)
-            out[key] = value
+            out[key.strip()] = value.strip().strip('"')
     return out
+
+
+def create_namespace(core, name: str, timeout: float = 60) -> None:
+    """Create a namespace and wait for its default ServiceAccount (pods are refused until the
+    ServiceAccount controller has made it)."""
+    from kubernetes.client.rest import ApiException
+
+    core.create_namespace({"metadata": {"name": name}})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespaced_service_account("default", name)
+            return
+        except ApiException:
+            time.sleep(0.1)
+    raise TimeoutError(f"no default ServiceAccount in namespace {name} after {timeout}s")
 
 
 def cache_dir() -> Path:

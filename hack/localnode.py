@@ -42,7 +42,11 @@ import urllib.request
 from pathlib import Path
 
 HACK = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("KUBETUNE_CACHE", Path.home() / ".cache" / "kubetune"))
+if str(HACK) not in sys.path:
+    sys.path.insert(0, str(HACK))
+from localcluster import cache_dir, versions  # noqa: E402  (one reader of versions.env, one cache)
+
+CACHE = cache_dir()
 CNI_BIN_DIR = "/usr/lib/cni"
 CGROUP_V1 = Path("/sys/fs/cgroup")
 
@@ -64,16 +68,6 @@ TEST_IMAGE_PACKAGES = {"busybox-static": "/bin/busybox"}
 
 def log(msg: str) -> None:
     print(f"[localnode] {msg}", file=sys.stderr, flush=True)
-
-
-def read_versions(path: Path = HACK / "versions.env") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            k, v = line.split("=", 1)
-            out[k.strip()] = v.strip().strip('"')
-    return out
 
 
 def run(cmd: list[str], *, check: bool = True, capture: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -375,7 +369,7 @@ class LocalNode:
                  images=(), kubelet_port: int = 10250, kubelet_healthz_port: int = 10248,
                  proxy_healthz_port: int = 10256, proxy_metrics_port: int = 10249,
                  node_labels: dict[str, str] | None = None, verbosity: int = 2):
-        self.versions = read_versions()
+        self.versions = versions()
         self.state_dir = Path(state_dir).resolve()
         self.ca_cert, self.ca_key = Path(ca_cert).resolve(), Path(ca_key).resolve()
         self.apiserver_url = apiserver_url.rstrip("/")
@@ -960,13 +954,13 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("build-pause-image", help="write the pause image archive; prints its path")
     a = p.parse_args(argv)
 
-    versions = read_versions()
+    pinned = versions()
     if a.cmd == "build-test-image":
-        print(build_busybox_image(a.tag or versions.get("BUSYBOX_TEST_IMAGE", "localhost/kubetune-busybox:1.35.0")))
+        print(build_busybox_image(a.tag or pinned.get("BUSYBOX_TEST_IMAGE", "localhost/kubetune-busybox:1.35.0")))
         return 0
     if a.cmd == "build-pause-image":
-        print(build_pause_image(versions.get("PAUSE_IMAGE", "localhost/kubetune-pause:3.10.1"),
-                                CACHE / "bin" / f"kubernetes-{versions['KUBERNETES_VERSION']}", versions["KUBERNETES_VERSION"]))
+        print(build_pause_image(pinned.get("PAUSE_IMAGE", "localhost/kubetune-pause:3.10.1"),
+                                CACHE / "bin" / f"kubernetes-{pinned['KUBERNETES_VERSION']}", pinned["KUBERNETES_VERSION"]))
         return 0
     if a.cmd == "down":
         if not (Path(a.state_dir) / "node" / "node.json").exists() and not a.apiserver:

@@ -138,6 +138,11 @@ def condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c["type"] == ctype), None)
 
 
+def current_attempt(status: dict[str, Any], pods: tuple[PodView, ...]) -> int:
+    """The status's attempt, or a newer one whose pods exist (a status write that was lost)."""
+    return max([status.get("attempt") or 0, *(p.attempt for p in pods)])
+
+
 def classify(pod: PodView) -> Outcome:
     """Why a worker pod is where it is. Deletion we did not ask for counts as a preemption:
     the operator only deletes pods of attempts it has already ended."""
@@ -227,7 +232,7 @@ def decide(obs: Observed) -> Decision:
     st.setdefault("restarts", 0)
     d = Decision(status=st)
     now = obs.now
-    attempt = max([st["attempt"], *(p.attempt for p in obs.pods)])
+    attempt = current_attempt(st, obs.pods)
     st["attempt"] = attempt
     current = sorted((p for p in obs.pods if p.attempt == attempt), key=lambda p: p.rank)
     older_alive = [p for p in obs.pods if p.attempt < attempt and p.phase not in ("Succeeded", "Failed")]

@@ -30,7 +30,7 @@ from kubetune_trainer.config import METRICS_PORT, ProgressRecord
 
 from . import api, metrics, render
 from .cost import price_per_hour
-from .decide import Decision, NodeView, Observed, PodView, decide, pod_rejected
+from .decide import Decision, NodeView, Observed, PodView, current_attempt, decide, pod_rejected
 from .kube import Kube, fetch_progress, s3_endpoint_problem
 from .observe import node_view, pod_view
 from .settings import Settings
@@ -138,8 +138,8 @@ def _observe(job: dict[str, Any], pods: tuple[PodView, ...], nodes: dict[str, No
     preflight = None
     gpu_known = None
     progress = None
-    current_attempt = max([(job.get("status") or {}).get("attempt") or 0, *(p.attempt for p in pods)])
-    starting = spec is not None and not any(p.attempt == current_attempt for p in pods)
+    attempt = current_attempt(job.get("status") or {}, pods)
+    starting = spec is not None and not any(p.attempt == attempt for p in pods)
     if starting and spec is not None:
         if spec.s3.credentials_secret:
             preflight = kube().secret_problem(job["metadata"]["namespace"], spec.s3.credentials_secret)
@@ -148,7 +148,7 @@ def _observe(job: dict[str, Any], pods: tuple[PodView, ...], nodes: dict[str, No
     if spec is not None and spec.resources.gpu_type:
         gpu_known = any(n.gpu_type == spec.resources.gpu_type for n in nodes.values())
     if poll:
-        rank0 = next((p for p in pods if p.attempt == current_attempt and p.rank == 0 and p.phase == "Running" and p.ip), None)
+        rank0 = next((p for p in pods if p.attempt == attempt and p.rank == 0 and p.phase == "Running" and p.ip), None)
         if rank0 is not None:
             raw = fetch_progress(rank0.ip, METRICS_PORT)
             if raw:

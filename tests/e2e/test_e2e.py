@@ -44,10 +44,11 @@ def stack():
 
 @pytest.fixture
 def ns(stack):
+    import localcluster
+
     core = kubernetes.client.CoreV1Api(stack.api())
     name = f"e2e-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": name}})
-    wait_for(lambda: core.list_namespaced_service_account(name).items, what="default ServiceAccount")
+    localcluster.create_namespace(core, name)
     stack.s3_secret(name)
     yield name
     core.delete_namespace(name)
