@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from kubetune_trainer import s3  # noqa: E402
 from kubetune_trainer.checkpoint import CheckpointStore  # noqa: E402
-from kubetune_trainer.config import S3Spec  # noqa: E402
+from kubetune_contract.config import S3Spec  # noqa: E402
 
 MB = 1024 * 1024
 

@@ -194,7 +194,7 @@ def main() -> None:
     from tests.fixtures.minio import MinioServer
     from tests.fixtures.tiny_model import build_tiny_model, text_records, write_jsonl
 
-    from kubetune_trainer.config import DatasetSpec
+    from kubetune_contract.config import DatasetSpec
     from kubetune_trainer.data import build_sequences, encode_files
 
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))

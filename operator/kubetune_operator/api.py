@@ -11,18 +11,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from kubetune_trainer.config import (
-    CheckpointRef,
-    CheckpointSpec,
-    DatasetSpec,
-    LoraSpec,
-    Method,
-    ModelSpec,
-    OutputSpec,
-    S3Spec,
-    TrainingSpec,
-    _Model,
-)
+from kubetune_contract.config import CheckpointSpec, DatasetSpec, LoraSpec, Method, ModelSpec, OutputSpec, S3Spec, SpecModel, TrainingSpec
+from kubetune_contract.progress import CheckpointRef
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -39,10 +29,10 @@ K8sObject = dict[str, Any]
 _QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 
 
-class ResourcesSpec(_Model):
+class ResourcesSpec(SpecModel):
     """What each worker pod gets."""
 
-    model_config = _Model.model_config | {
+    model_config = SpecModel.model_config | {
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 {
@@ -71,10 +61,10 @@ class ResourcesSpec(_Model):
     workers: int = Field(1, ge=1, le=64, description="Trainer pods; ranks talk over torch.distributed.")
 
 
-class CapacitySpec(_Model):
+class CapacitySpec(SpecModel):
     """Which kind of nodes to run on, and how many preemptions to absorb."""
 
-    model_config = _Model.model_config | {
+    model_config = SpecModel.model_config | {
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 {
@@ -98,7 +88,7 @@ class CapacitySpec(_Model):
     )
 
 
-class RunPolicy(_Model):
+class RunPolicy(SpecModel):
     """Lifecycle limits (batch/v1 Job semantics)."""
 
     backoff_limit: int = Field(
@@ -113,7 +103,7 @@ class RunPolicy(_Model):
     suspend: bool = Field(False, description="Deletes running pods (checkpointing first); resumes when false.")
 
 
-class PodOverrides(_Model):
+class PodOverrides(SpecModel):
     """Pass-through to the trainer pods."""
 
     image: str | None = Field(None, min_length=1, max_length=512, description="Trainer image (default: operator setting).")
@@ -131,10 +121,10 @@ class PodOverrides(_Model):
     annotations: dict[str, str] | None = None
 
 
-class FineTuneJobSpec(_Model):
+class FineTuneJobSpec(SpecModel):
     """A fine-tuning run: model, data, method, resources, spot policy, storage."""
 
-    model_config = _Model.model_config | {
+    model_config = SpecModel.model_config | {
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 {
@@ -176,7 +166,7 @@ class FineTuneJobSpec(_Model):
 Phase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 
 
-class Condition(_Model):
+class Condition(SpecModel):
     type: str
     status: Literal["True", "False", "Unknown"]
     reason: str
@@ -185,7 +175,7 @@ class Condition(_Model):
     observed_generation: int | None = None
 
 
-class Progress(_Model):
+class Progress(SpecModel):
     step: int = 0
     total_steps: int | None = None
     epoch: float | None = None
@@ -198,14 +188,14 @@ class Progress(_Model):
     update_time: str | None = None
 
 
-class Cost(_Model):
+class Cost(SpecModel):
     gpu_hours: float = 0.0
     spot_gpu_hours: float = 0.0
     estimated_usd: str = Field("0.00", description="Decimal string, e.g. 12.34.")
     accrued_until: str | None = Field(None, description="Cost is accrued up to this time (RFC 3339).")
 
 
-class WorkerStatus(_Model):
+class WorkerStatus(SpecModel):
     name: str
     rank: int
     attempt: int
@@ -214,7 +204,7 @@ class WorkerStatus(_Model):
     capacity_type: str | None = None
 
 
-class FineTuneJobStatus(_Model):
+class FineTuneJobStatus(SpecModel):
     phase: Phase | None = None
     message: str | None = None
     observed_generation: int | None = None

@@ -14,7 +14,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kubetune_trainer.config import ExitCode, ProgressRecord
+from kubetune_contract.progress import ExitCode, ProgressRecord
 
 from . import api
 from .cost import accrue

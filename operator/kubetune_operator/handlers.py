@@ -26,7 +26,8 @@ import kopf
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kubetune_trainer.config import METRICS_PORT, ProgressRecord
+from kubetune_contract.layout import METRICS_PORT
+from kubetune_contract.progress import ProgressRecord
 
 from . import api, metrics, render
 from .cost import price_per_hour

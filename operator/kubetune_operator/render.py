@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kubetune_trainer import config as tc
+from kubetune_contract import envvars, layout
+from kubetune_contract.config import JobRef, TrainerConfig
+from kubetune_contract.uris import pvc_claim
 
 from . import api
 from .settings import Settings
@@ -44,16 +46,16 @@ def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def pvc_claims(spec: api.FineTuneJobSpec) -> list[str]:
-    """Claims named by pvc:// URIs; each is mounted at config.PVC_MOUNT_ROOT/<claim>, where the
-    trainer looks for them (config.local_path_for_uri)."""
+    """Claims named by pvc:// URIs; each is mounted at layout.PVC_MOUNT_ROOT/<claim>, where the
+    trainer looks for them (uris.local_path_for_uri)."""
     uris = [spec.base_model.uri, spec.dataset.uri, spec.dataset.validation_uri or ""]
-    return sorted({c for c in map(tc.pvc_claim, uris) if c})
+    return sorted({c for c in map(pvc_claim, uris) if c})
 
 
-def trainer_config(job: dict[str, Any], spec: api.FineTuneJobSpec) -> tc.TrainerConfig:
+def trainer_config(job: dict[str, Any], spec: api.FineTuneJobSpec) -> TrainerConfig:
     meta = job["metadata"]
-    return tc.TrainerConfig(
-        job=tc.JobRef(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"]),
+    return TrainerConfig(
+        job=JobRef(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"]),
         base_model=spec.base_model,
         dataset=spec.dataset,
         method=spec.method,
@@ -78,7 +80,7 @@ def config_map(job: dict[str, Any], spec: api.FineTuneJobSpec) -> dict[str, Any]
             "labels": {**MANAGED_BY, LABEL_JOB_NAME: meta["name"], LABEL_JOB_UID: meta["uid"]},
             "ownerReferences": [owner_reference(job)],
         },
-        "data": {tc.CONFIG_KEY: trainer_config(job, spec).dumps()},
+        "data": {layout.CONFIG_KEY: trainer_config(job, spec).dumps()},
     }
 
 
@@ -144,24 +146,24 @@ def worker_pod(
         limits[settings.gpu_resource] = str(res.gpus)
 
     env: list[dict[str, Any]] = [
-        {"name": tc.ENV_CONFIG, "value": tc.CONFIG_PATH},
-        {"name": tc.ENV_RANK, "value": str(rank)},
-        {"name": tc.ENV_WORLD_SIZE, "value": str(res.workers)},
-        {"name": tc.ENV_MASTER_ADDR, "value": master_addr},
-        {"name": tc.ENV_MASTER_PORT, "value": str(tc.RENDEZVOUS_PORT)},
-        {"name": tc.ENV_ATTEMPT, "value": str(attempt)},
-        {"name": tc.ENV_METRICS_PORT, "value": str(tc.METRICS_PORT)},
-        {"name": tc.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": tc.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": envvars.CONFIG, "value": layout.CONFIG_PATH},
+        {"name": envvars.RANK, "value": str(rank)},
+        {"name": envvars.WORLD_SIZE, "value": str(res.workers)},
+        {"name": envvars.MASTER_ADDR, "value": master_addr},
+        {"name": envvars.MASTER_PORT, "value": str(layout.RENDEZVOUS_PORT)},
+        {"name": envvars.ATTEMPT, "value": str(attempt)},
+        {"name": envvars.METRICS_PORT, "value": str(layout.METRICS_PORT)},
+        {"name": envvars.POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": envvars.NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         # Model downloads, checkpoint staging and temp files go to the scratch volume (sized by
         # resources.ephemeralStorage), not the container's writable layer.
-        {"name": "HF_HOME", "value": "/scratch/hf"},
-        {"name": "KUBETUNE_WORK_DIR", "value": "/scratch/kubetune"},
-        {"name": "TMPDIR", "value": "/scratch"},
+        {"name": envvars.HF_HOME, "value": layout.SCRATCH_HF_HOME},
+        {"name": envvars.WORK_DIR, "value": layout.SCRATCH_WORK_DIR},
+        {"name": envvars.TMPDIR, "value": layout.SCRATCH_DIR},
     ]
     secret = spec.s3.credentials_secret
     if secret:
-        for env_name, key in ((tc.ENV_S3_ACCESS_KEY, secret.access_key_id_key), (tc.ENV_S3_SECRET_KEY, secret.secret_access_key_key)):
+        for env_name, key in ((envvars.S3_ACCESS_KEY, secret.access_key_id_key), (envvars.S3_SECRET_KEY, secret.secret_access_key_key)):
             env.append({"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
     env += pod_cfg.env or []
 
@@ -171,13 +173,13 @@ def worker_pod(
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and DataLoader workers need a real /dev/shm
     ]
     mounts: list[dict[str, Any]] = [
-        {"name": "config", "mountPath": tc.CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
-        {"name": "scratch", "mountPath": "/scratch"},
+        {"name": "config", "mountPath": layout.CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
+        {"name": "scratch", "mountPath": layout.SCRATCH_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
     for i, claim in enumerate(pvc_claims(spec)):
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        mounts.append({"name": f"pvc-{i}", "mountPath": f"{tc.PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{layout.PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
 
     required, preferred, tolerations = _placement(spec, settings, on_demand)
     labels = {
@@ -198,11 +200,11 @@ def worker_pod(
                 "image": pod_cfg.image or settings.trainer_image,
                 "imagePullPolicy": pod_cfg.image_pull_policy or settings.trainer_image_pull_policy,
                 "env": env,
-                "ports": [{"name": "metrics", "containerPort": tc.METRICS_PORT}]
-                + ([{"name": "rendezvous", "containerPort": tc.RENDEZVOUS_PORT}] if res.workers > 1 else []),
+                "ports": [{"name": "metrics", "containerPort": layout.METRICS_PORT}]
+                + ([{"name": "rendezvous", "containerPort": layout.RENDEZVOUS_PORT}] if res.workers > 1 else []),
                 "resources": {"requests": dict(limits), "limits": dict(limits)},
                 "volumeMounts": mounts,
-                "terminationMessagePath": tc.TERMINATION_LOG,
+                "terminationMessagePath": layout.TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "securityContext": {
                     "allowPrivilegeEscalation": False,

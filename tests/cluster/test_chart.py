@@ -12,7 +12,7 @@ import yaml
 
 import localcluster
 from kubetune_operator import crdgen
-from kubetune_trainer.config import ProgressRecord
+from kubetune_contract.progress import ProgressRecord
 from tests.fixtures.control_plane import run_operator, wait_for
 
 from .jobs import Jobs, job_manifest

@@ -12,7 +12,8 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from kubetune_trainer.config import ExitCode, ProgressRecord, TrainerConfig
+from kubetune_contract.config import TrainerConfig
+from kubetune_contract.progress import ExitCode, ProgressRecord
 from tests.fixtures.control_plane import run_operator, wait_for
 
 from .jobs import Jobs, job_manifest

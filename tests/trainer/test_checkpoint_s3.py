@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from kubetune_trainer import s3
 from kubetune_trainer.checkpoint import MANIFEST, CheckpointInfo, CheckpointStore, sha256_file
-from kubetune_trainer.config import ExitCode, S3Spec
+from kubetune_contract.config import S3Spec
+from kubetune_contract.progress import ExitCode
 from kubetune_trainer.errors import CorruptCheckpoint, RetriableError, UserError
 from tests.fixtures.minio import MinioServer, free_port
 

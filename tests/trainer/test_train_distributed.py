@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from kubetune_trainer.config import ExitCode
+from kubetune_contract.progress import ExitCode
 from tests.fixtures.minio import free_port
 from tests.fixtures.tiny_model import (events, instruction_records, start_trainer, trainer_config, trainer_env,
                                        wait_for_event, write_jsonl)

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from kubetune_trainer.__main__ import main
-from kubetune_trainer.config import ExitCode, ProgressRecord
+from kubetune_contract.progress import ExitCode, ProgressRecord
 from tests.fixtures.tiny_model import events, instruction_records, trainer_config, write_jsonl
 
 pytestmark = pytest.mark.s3
@@ -157,7 +157,7 @@ def test_invalid_config_names_the_field(tmp_path, monkeypatch, capsys, minio, ti
 
 
 def test_sigterm_before_training_exits_preempted_without_saving(tmp_path, minio, tiny_model_dir, data_file, monkeypatch):
-    from kubetune_trainer.config import TrainerConfig
+    from kubetune_contract.config import TrainerConfig
     from kubetune_trainer.train import DistEnv, Run, RunOptions, StopFlag
 
     bucket = minio.make_bucket()

@@ -2,7 +2,7 @@
 import json
 import urllib.request
 
-from kubetune_trainer.config import ProgressRecord
+from kubetune_contract.progress import ProgressRecord
 from kubetune_trainer.metrics import MetricsServer, TrainerMetrics
 from kubetune_trainer.progress import Progress
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kubetune_trainer import model as M
-from kubetune_trainer.config import TrainerConfig
+from kubetune_contract.config import TrainerConfig
 from kubetune_trainer.errors import UserError
 from tests.fixtures.tiny_model import trainer_config
 

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from kubetune_trainer.config import ExitCode, ProgressRecord
+from kubetune_contract.progress import ExitCode, ProgressRecord
 from tests.fixtures.tiny_model import (events, instruction_records, start_trainer, step_losses, trainer_config,
                                        trainer_env, wait_for_event, write_jsonl)
 

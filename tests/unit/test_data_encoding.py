@@ -3,7 +3,8 @@ import copy
 
 import pytest
 
-from kubetune_trainer.config import DatasetSpec, local_path_for_uri, pvc_claim
+from kubetune_contract.config import DatasetSpec
+from kubetune_contract.uris import local_path_for_uri, pvc_claim
 from kubetune_trainer.data import IGNORE, Batches, Encoder, Example, RecordError, build_sequences, collate, pack
 from tests.fixtures.tiny_model import chat_records
 

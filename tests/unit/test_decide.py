@@ -7,7 +7,7 @@ import pytest
 
 from kubetune_operator import api
 from kubetune_operator.decide import NodeView, Observed, PodView, classify, decide, pod_rejected, set_condition
-from kubetune_trainer.config import ExitCode, ProgressRecord
+from kubetune_contract.progress import ExitCode, ProgressRecord
 
 from tests.cluster.jobs import job_manifest
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from kubetune_operator import api, render
 from kubetune_operator.settings import Settings
-from kubetune_trainer.config import TrainerConfig
+from kubetune_contract.config import TrainerConfig
 
 from tests.cluster.jobs import job_manifest
 
@@ -27,7 +27,7 @@ def test_config_map_round_trips_through_the_contract():
 
 
 def test_pvc_claims_are_mounted_where_the_trainer_looks_for_them():
-    from kubetune_trainer.config import local_path_for_uri
+    from kubetune_contract.uris import local_path_for_uri
 
     j, spec = job(baseModel={"uri": "pvc://models/llama/8b"}, dataset={"uri": "pvc://data/train.jsonl"})
     cfg = render.trainer_config(j, spec)

@@ -2,7 +2,7 @@
 import botocore.exceptions as bce
 import pytest
 
-from kubetune_trainer.config import ExitCode
+from kubetune_contract.progress import ExitCode
 from kubetune_trainer.errors import RetriableError, UserError
 from kubetune_trainer.s3 import S3NotFound, S3Uri, S3UriError, parse_s3_uri, translate_error
 

@@ -13,7 +13,9 @@ import os
 import sys
 import traceback
 
-from .config import CONFIG_PATH, ENV_CONFIG, ExitCode, ProgressRecord
+from kubetune_contract import envvars
+from kubetune_contract.layout import CONFIG_PATH, MESSAGE_MAX_CHARS
+from kubetune_contract.progress import ExitCode, ProgressRecord
 
 
 def _config_error(path: str, exc: BaseException) -> str:
@@ -22,7 +24,7 @@ def _config_error(path: str, exc: BaseException) -> str:
     except Exception:  # pragma: no cover
         ValidationError = ()  # type: ignore
     if isinstance(exc, FileNotFoundError):
-        return f"trainer config {path} not found (set {ENV_CONFIG} or mount the ConfigMap at {CONFIG_PATH})"
+        return f"trainer config {path} not found (set {envvars.CONFIG} or mount the ConfigMap at {CONFIG_PATH})"
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors()[:10]:
@@ -34,7 +36,7 @@ def _config_error(path: str, exc: BaseException) -> str:
 
 def _write_failure(path: str, message: str) -> None:
     try:
-        rec = ProgressRecord(phase="failed", message=message[:2048])
+        rec = ProgressRecord(phase="failed", message=message[:MESSAGE_MAX_CHARS])
         with open(path, "w") as f:
             f.write(rec.model_dump_json(by_alias=True, exclude_none=True))
     except Exception:
@@ -43,7 +45,7 @@ def _write_failure(path: str, message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kubetune-train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=os.environ.get(ENV_CONFIG, CONFIG_PATH), help="trainer config JSON")
+    ap.add_argument("--config", default=os.environ.get(envvars.CONFIG, CONFIG_PATH), help="trainer config JSON")
     ap.add_argument("--check-config", action="store_true", help="validate the config and exit")
     args = ap.parse_args(argv)
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.disable_progress_bars()
     logs.capture_stdlib_logging()
     opts = RunOptions.from_environ()
-    from .config import TrainerConfig
+    from kubetune_contract.config import TrainerConfig
 
     try:
         cfg = TrainerConfig.load(args.config)

@@ -38,7 +38,8 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from . import s3 as s3mod
-from .config import CheckpointRef, S3Spec
+from kubetune_contract.config import S3Spec
+from kubetune_contract.progress import CheckpointRef
 from .errors import CorruptCheckpoint, KubetuneError, RetriableError, UserError
 
 log = logging.getLogger(__name__)

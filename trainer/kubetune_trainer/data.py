@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .config import DatasetSpec
+from kubetune_contract.config import DatasetSpec
 from .errors import UserError
 
 IGNORE = -100

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .config import ExitCode
+from kubetune_contract.progress import ExitCode
 
 
 class KubetuneError(Exception):

@@ -18,7 +18,7 @@ MODEL_CARD = "model_card.json"
 
 
 def output_uri(cfg) -> str:
-    return f"{cfg.output.uri.rstrip('/')}/{cfg.job.namespace}/{cfg.job.name}"
+    return cfg.output_prefix
 
 
 def model_card(run: "Run") -> dict:

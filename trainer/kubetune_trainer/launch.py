@@ -15,7 +15,9 @@ import sys
 import time
 
 from . import logs
-from .config import ENV_RANK, ENV_WORLD_SIZE, ExitCode, TrainerConfig
+from kubetune_contract import envvars
+from kubetune_contract.config import TrainerConfig
+from kubetune_contract.progress import ExitCode
 
 CHILD_MARK = "KUBETUNE_LOCAL_WORKER"
 
@@ -53,12 +55,12 @@ def maybe_launch_local_workers(cfg: TrainerConfig) -> ExitCode | None:
     g = procs_per_worker(cfg)
     if g <= 1:
         return None
-    pod_rank = int(os.environ.get(ENV_RANK, "0") or 0)
-    pods = int(os.environ.get(ENV_WORLD_SIZE, "1") or 1)
+    pod_rank = int(os.environ.get(envvars.RANK, "0") or 0)
+    pods = int(os.environ.get(envvars.WORLD_SIZE, "1") or 1)
     children: list[subprocess.Popen] = []
     for i in range(g):
         env = dict(os.environ)
-        env.update({CHILD_MARK: "1", ENV_RANK: str(pod_rank * g + i), ENV_WORLD_SIZE: str(pods * g),
+        env.update({CHILD_MARK: "1", envvars.RANK: str(pod_rank * g + i), envvars.WORLD_SIZE: str(pods * g),
                     "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(g)})
         children.append(subprocess.Popen([sys.executable, "-m", "kubetune_trainer", *sys.argv[1:]], env=env))
     logs.log("local_workers_started", workers=g, pids=[c.pid for c in children])

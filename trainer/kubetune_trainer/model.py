@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from .config import TrainerConfig
+from kubetune_contract.config import TrainerConfig
 from .errors import UserError
 
 DEEPSPEED_PRESETS = ("zero2", "zero2-offload", "zero3", "zero3-offload")

@@ -10,9 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from .config import ProgressRecord
+from kubetune_contract.layout import MESSAGE_MAX_CHARS, TERMINATION_LOG_LIMIT
+from kubetune_contract.progress import ProgressRecord
 
-TERMINATION_LOG_LIMIT = 4096  # what the kubelet keeps of a termination message
 
 
 class Progress:
@@ -46,8 +46,8 @@ class Progress:
         data = dict(self._pending)
         data["elapsed_seconds"] = round(self.elapsed(), 3)
         msg = data.get("message")
-        if isinstance(msg, str) and len(msg) > 2048:
-            data["message"] = msg[:2045] + "..."
+        if isinstance(msg, str) and len(msg) > MESSAGE_MAX_CHARS:
+            data["message"] = msg[: MESSAGE_MAX_CHARS - 3] + "..."
         rec = ProgressRecord.model_validate(data)
         self._published = rec
         self._last_publish = now

@@ -26,7 +26,10 @@ import botocore.exceptions as bce
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 
-from .config import ENV_S3_ACCESS_KEY, ENV_S3_SECRET_KEY, S3Spec
+from kubetune_contract import envvars, uris
+from kubetune_contract.uris import S3_SCHEME as SCHEME
+from kubetune_contract.uris import S3Uri
+from kubetune_contract.config import S3Spec
 from .errors import KubetuneError, RetriableError, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,12 +39,7 @@ else:
 
 log = logging.getLogger(__name__)
 
-SCHEME = "s3://"
 MB = 1024 * 1024
-# S3 bucket naming rules (the subset every S3-compatible store accepts).
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
-_IPV4_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
-_MAX_KEY_BYTES = 1024
 _DELETE_BATCH = 1000  # DeleteObjects limit
 
 # Network-level failures: worth retrying, never the user's fault (except in check_access).
@@ -59,76 +57,17 @@ _TRANSIENT_CODES = {
 }
 
 
-class S3UriError(UserError, ValueError):
-    """A malformed s3:// URI."""
+class S3UriError(UserError, uris.S3UriError):
+    """A malformed s3:// URI (a user error: the trainer exits 2)."""
 
 
 class S3NotFound(UserError):
     """The object or prefix does not exist (a user error when it is their model or dataset)."""
 
 
-# --------------------------------------------------------------------------------------- URIs
-@dataclass(frozen=True)
-class S3Uri:
-    """A parsed s3://bucket/key. `key` has no leading slash and may be empty (the bucket root)."""
-
-    bucket: str
-    key: str = ""
-
-    def __str__(self) -> str:
-        return f"{SCHEME}{self.bucket}/{self.key}" if self.key else f"{SCHEME}{self.bucket}"
-
-    def join(self, *parts: str) -> "S3Uri":
-        """Append path components (slashes between them are normalised)."""
-        segs = [s for s in (self.key.strip("/"), *(p.strip("/") for p in parts)) if s]
-        return S3Uri(self.bucket, "/".join(segs))
-
-    @property
-    def dir_prefix(self) -> str:
-        """The key as a "directory" for listing: `a/b/` (so `a/bc` is not matched); '' at the root."""
-        k = self.key.strip("/")
-        return f"{k}/" if k else ""
-
-    @property
-    def name(self) -> str:
-        return PurePosixPath(self.key).name
-
-
 def parse_s3_uri(uri: str, *, field: str | None = None) -> S3Uri:
-    """Parse `s3://bucket[/key]`; raise S3UriError naming the field and the bad value."""
-
-    def bad(reason: str) -> S3UriError:
-        where = f"{field}: " if field else ""
-        return S3UriError(f"{where}{uri!r} is not a valid S3 URI: {reason} (expected s3://bucket/prefix)")
-
-    if not isinstance(uri, str):
-        raise bad(f"expected a string, got {type(uri).__name__}")
-    if uri != uri.strip() or any(ord(c) < 32 or ord(c) == 127 for c in uri):
-        raise bad("it has leading/trailing whitespace or control characters")
-    if not uri.startswith(SCHEME):
-        if uri.lower().startswith(SCHEME):
-            raise bad("the scheme must be lowercase 's3://'")
-        if "://" in uri:
-            raise bad(f"scheme {uri.split('://', 1)[0]!r} is not s3")
-        raise bad("it does not start with s3://")
-    rest = uri[len(SCHEME):]
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise bad("the bucket name is empty")
-    if bucket != bucket.lower():
-        raise bad(f"bucket {bucket!r} has uppercase letters; bucket names are lowercase")
-    if not _BUCKET_RE.match(bucket):
-        raise bad(
-            f"bucket {bucket!r} must be 3-63 characters of a-z, 0-9, '.' and '-', "
-            "starting and ending with a letter or digit"
-        )
-    if ".." in bucket or ".-" in bucket or "-." in bucket:
-        raise bad(f"bucket {bucket!r} has adjacent '.'/'-' characters")
-    if _IPV4_RE.match(bucket):
-        raise bad(f"bucket {bucket!r} looks like an IP address")
-    if len(key.encode()) > _MAX_KEY_BYTES:
-        raise bad(f"the key is longer than {_MAX_KEY_BYTES} bytes")
-    return S3Uri(bucket, key)
+    """Parse `s3://bucket[/key]` (the contract's rule); raise S3UriError naming the field."""
+    return uris.parse_s3_uri(uri, field=field, error=S3UriError)
 
 
 def _as_uri(uri: str | S3Uri, field: str | None = None) -> S3Uri:
@@ -205,7 +144,7 @@ def _key_hint(client: S3Client) -> str:
         key = creds.access_key if creds else None
     except AttributeError:
         key = None
-    key = key or os.environ.get(ENV_S3_ACCESS_KEY)
+    key = key or os.environ.get(envvars.S3_ACCESS_KEY)
     return f" {key[:4]}…" if key else ""
 
 
@@ -230,8 +169,8 @@ def translate_error(
 
     if isinstance(exc, (bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError)):
         return UserError(
-            f"{where}no usable S3 credentials for {target_s}: set {ENV_S3_ACCESS_KEY} and "
-            f"{ENV_S3_SECRET_KEY} (the job's s3.credentialsSecret) or give the pod an identity ({exc})"
+            f"{where}no usable S3 credentials for {target_s}: set {envvars.S3_ACCESS_KEY} and "
+            f"{envvars.S3_SECRET_KEY} (the job's s3.credentialsSecret) or give the pod an identity ({exc})"
         )
     if isinstance(exc, _CONNECTION_ERRORS):
         text = f"{where}cannot reach the S3 endpoint {endpoint} ({op} {target_s}): {exc}"
@@ -247,12 +186,12 @@ def translate_error(
     if code == "InvalidAccessKeyId":
         return UserError(
             f"{where}S3 at {endpoint} rejected the access key id{_key_hint(client) if client else ''} "
-            f"(InvalidAccessKeyId) for bucket {bucket!r}: check {ENV_S3_ACCESS_KEY} in the credentials Secret"
+            f"(InvalidAccessKeyId) for bucket {bucket!r}: check {envvars.S3_ACCESS_KEY} in the credentials Secret"
         )
     if code == "SignatureDoesNotMatch":
         return UserError(
             f"{where}S3 at {endpoint} rejected the signature (SignatureDoesNotMatch) for bucket "
-            f"{bucket!r}: the secret key does not match the access key; check {ENV_S3_SECRET_KEY} "
+            f"{bucket!r}: the secret key does not match the access key; check {envvars.S3_SECRET_KEY} "
             "in the credentials Secret"
         )
     if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException") or status == 301:

@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import logs
-from .config import TrainerConfig, local_path_for_uri
+from kubetune_contract.config import TrainerConfig
+from kubetune_contract.uris import is_s3, local_path_for_uri
 from .errors import UserError
-
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
 
 
 def local_path(uri: str) -> Path | None:

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from . import logs
-from .config import (
-    ENV_MASTER_ADDR, ENV_MASTER_PORT, ENV_METRICS_PORT, ENV_RANK, ENV_WORLD_SIZE, METRICS_PORT, RENDEZVOUS_PORT,
-    TERMINATION_LOG, ExitCode, TrainerConfig,
-)
+from kubetune_contract import envvars
+from kubetune_contract.config import TrainerConfig
+from kubetune_contract.layout import METRICS_PORT, RENDEZVOUS_PORT, TERMINATION_LOG
+from kubetune_contract.progress import ExitCode
 from .errors import KubetuneError, RetriableError, UserError
 
 STATE_FILE = "trainer_state.json"
@@ -56,7 +56,7 @@ class RunOptions:
 
     @classmethod
     def from_environ(cls) -> "RunOptions":
-        port_env = os.environ.get(ENV_METRICS_PORT)
+        port_env = os.environ.get(envvars.METRICS_PORT)
         port: int | None = METRICS_PORT
         if port_env is not None:
             port = None if port_env in ("", "off", "-1") else int(port_env)
@@ -86,12 +86,12 @@ class DistEnv:
             except ValueError:
                 raise UserError(f"environment {name}={v!r} is not an integer") from None
 
-        world = num(ENV_WORLD_SIZE, 1)
-        rank = num(ENV_RANK, 0)
+        world = num(envvars.WORLD_SIZE, 1)
+        rank = num(envvars.RANK, 0)
         if world < 1 or not 0 <= rank < world:
-            raise UserError(f"environment {ENV_RANK}={rank} / {ENV_WORLD_SIZE}={world} are inconsistent")
-        return cls(rank, world, num("LOCAL_RANK", 0), os.environ.get(ENV_MASTER_ADDR, "127.0.0.1"),
-                   num(ENV_MASTER_PORT, RENDEZVOUS_PORT))
+            raise UserError(f"environment {envvars.RANK}={rank} / {envvars.WORLD_SIZE}={world} are inconsistent")
+        return cls(rank, world, num("LOCAL_RANK", 0), os.environ.get(envvars.MASTER_ADDR, "127.0.0.1"),
+                   num(envvars.MASTER_PORT, RENDEZVOUS_PORT))
 
 
 class StopFlag:
@@ -908,9 +908,7 @@ def _rfc3339(t: Any) -> str:
 
 def attempt_number() -> int | None:
     """The attempt (0-based, from the operator's environment), or None when not set."""
-    from . import config
-
-    v = os.environ.get(getattr(config, "ENV_ATTEMPT", "KUBETUNE_ATTEMPT"), "")
+    v = os.environ.get(envvars.ATTEMPT, "")
     try:
         return int(v)
     except ValueError:

@@ -1,17 +1,13 @@
-"""The operator↔trainer contract, defined once (pure: no torch, no kubernetes).
+"""The trainer config: everything one trainer process needs, rendered by the operator.
 
-The operator renders a `TrainerConfig` into a ConfigMap mounted at `CONFIG_PATH`; the trainer
-reads it back with `TrainerConfig.load()`. The training-facing parts of the FineTuneJob spec
-(`ModelSpec`, `DatasetSpec`, `LoraSpec`, `TrainingSpec`, `CheckpointSpec`, `OutputSpec`,
+The operator renders a `TrainerConfig` into a ConfigMap mounted at `layout.CONFIG_PATH`; the
+trainer reads it back with `TrainerConfig.load()`. The training-facing parts of the FineTuneJob
+spec (`ModelSpec`, `DatasetSpec`, `LoraSpec`, `TrainingSpec`, `CheckpointSpec`, `OutputSpec`,
 `S3Spec`) are these very models: the CRD schema is generated from them
 (`kubetune_operator.crdgen`), so the API a user writes and the file a trainer reads cannot drift.
-
-Also here: the environment variables the operator sets, the trainer's exit codes, and the
-progress record the trainer serves and the operator copies into the job's status.
 """
 from __future__ import annotations
 
-import enum
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,72 +15,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-CONFIG_PATH = "/etc/kubetune/trainer-config.json"
-CONFIG_KEY = "trainer-config.json"  # key in the ConfigMap
-
-# Environment the operator sets on every trainer container (torch.distributed names where they exist).
-ENV_CONFIG = "KUBETUNE_CONFIG"  # path to the config file (default CONFIG_PATH)
-ENV_RANK = "RANK"
-ENV_WORLD_SIZE = "WORLD_SIZE"
-ENV_MASTER_ADDR = "MASTER_ADDR"
-ENV_MASTER_PORT = "MASTER_PORT"
-ENV_POD_NAME = "KUBETUNE_POD_NAME"
-ENV_NODE_NAME = "KUBETUNE_NODE_NAME"
-ENV_ATTEMPT = "KUBETUNE_ATTEMPT"  # 0-based; bumped for each new set of pods (after a preemption)
-ENV_METRICS_PORT = "KUBETUNE_METRICS_PORT"
-# S3 credentials come from the user's Secret through these standard names (boto3 reads them).
-ENV_S3_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
-ENV_S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
-
-METRICS_PORT = 9400  # trainer's HTTP port: /metrics (Prometheus) and /progress (ProgressRecord JSON)
-RENDEZVOUS_PORT = 29500
-TERMINATION_LOG = "/dev/termination-log"  # the final ProgressRecord, read by the operator
-
-# pvc://claim/path URIs: the operator mounts claim <claim> (read-only) at PVC_MOUNT_ROOT/<claim>,
-# and the trainer reads <path> below it.
-PVC_MOUNT_ROOT = "/mnt/kubetune/pvc"
+from .layout import CONFIG_PATH
+from .uris import S3_URI_PATTERN, job_prefix
 
 
-def pvc_claim(uri: str) -> str | None:
-    """The PersistentVolumeClaim named by a pvc://claim/path URI, else None."""
-    if not uri.startswith("pvc://"):
-        return None
-    claim = uri[len("pvc://"):].split("/", 1)[0]
-    return claim or None
-
-
-def local_path_for_uri(uri: str, pvc_root: str = PVC_MOUNT_ROOT) -> str | None:
-    """Where the trainer finds `uri` on its own filesystem, or None when it is not local.
-
-    pvc://claim/a/b -> <pvc_root>/claim/a/b; file:///x -> /x; an absolute path stays itself;
-    s3:// URIs and hub ids (org/name) -> None. Pure: no filesystem access.
-    """
-    if uri.startswith("pvc://"):
-        claim = pvc_claim(uri)
-        if claim is None:
-            return None
-        rest = uri[len("pvc://") + len(claim):].strip("/")
-        parts = [p for p in rest.split("/") if p not in ("", ".")]
-        if ".." in parts:
-            return None  # never escape the claim's mount
-        return "/".join([pvc_root.rstrip("/"), claim, *parts])
-    if uri.startswith("file://"):
-        return uri[len("file://"):] or None
-    if uri.startswith("/"):
-        return uri
-    return None
-
-
-class ExitCode(enum.IntEnum):
-    """How a trainer process ends; the operator decides retries from these."""
-
-    SUCCESS = 0
-    RETRIABLE = 1  # infrastructure failure (network, S3 5xx, OOM-kill shows as 137): retry
-    USER_ERROR = 2  # bad config or data, missing bucket, bad credentials: do not retry
-    PREEMPTED = 3  # SIGTERM received and a checkpoint was made durable: resume elsewhere
-
-
-class _Model(BaseModel):
+class SpecModel(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
     )
@@ -93,7 +28,7 @@ class _Model(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-class ModelSpec(_Model):
+class ModelSpec(SpecModel):
     """The base model to fine-tune."""
 
     uri: str = Field(
@@ -109,7 +44,7 @@ class ModelSpec(_Model):
 DatasetFormat = Literal["text", "instruction", "chat"]
 
 
-class FieldMapping(_Model):
+class FieldMapping(SpecModel):
     """Which record fields hold the data, per format."""
 
     text: str = Field("text", description="text format: the field with the training text.")
@@ -119,7 +54,7 @@ class FieldMapping(_Model):
     messages: str = Field("messages", description="chat format: the list of {role, content} messages.")
 
 
-class DatasetSpec(_Model):
+class DatasetSpec(SpecModel):
     """Training data: JSONL or Parquet."""
 
     uri: str = Field(
@@ -138,7 +73,7 @@ class DatasetSpec(_Model):
     )
 
 
-class LoraSpec(_Model):
+class LoraSpec(SpecModel):
     """PEFT LoRA parameters (used by lora and qlora)."""
 
     r: int = Field(16, ge=1, le=1024, description="Rank of the update matrices.")
@@ -158,7 +93,7 @@ LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 DeepSpeedPreset = Literal["none", "zero2", "zero2-offload", "zero3", "zero3-offload"]
 
 
-class TrainingSpec(_Model):
+class TrainingSpec(SpecModel):
     """Optimisation hyper-parameters. Give maxSteps or epochs."""
 
     epochs: float | None = Field(None, gt=0, le=1000, description="Passes over the data (fractions allowed).")
@@ -186,11 +121,11 @@ class TrainingSpec(_Model):
         return self
 
 
-class CheckpointSpec(_Model):
+class CheckpointSpec(SpecModel):
     """Where and how often the trainer checkpoints."""
 
     uri: str = Field(
-        pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
+        pattern=S3_URI_PATTERN,
         max_length=1024,
         description="s3://bucket/prefix; each job writes under <prefix>/<namespace>/<name>/.",
     )
@@ -199,18 +134,18 @@ class CheckpointSpec(_Model):
     keep_last: int = Field(3, ge=1, le=100, description="Checkpoints kept; older ones are deleted.")
 
 
-class OutputSpec(_Model):
+class OutputSpec(SpecModel):
     """Where the result goes."""
 
     uri: str = Field(
-        pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
+        pattern=S3_URI_PATTERN,
         max_length=1024,
         description="s3://bucket/prefix for the adapter (or full model) and its model card.",
     )
     merge_weights: bool = Field(False, description="Also write base+adapter merged weights.")
 
 
-class SecretKeyRefs(_Model):
+class SecretKeyRefs(SpecModel):
     """A Secret holding S3 credentials."""
 
     name: str = Field(min_length=1, max_length=253, description="Secret name, in the job's namespace.")
@@ -218,7 +153,7 @@ class SecretKeyRefs(_Model):
     secret_access_key_key: str = Field("AWS_SECRET_ACCESS_KEY", description="Key of the secret key.")
 
 
-class S3Spec(_Model):
+class S3Spec(SpecModel):
     """How to reach S3 for every s3:// URI in the job (AWS, MinIO or another S3-compatible store)."""
 
     endpoint: str | None = Field(
@@ -231,15 +166,15 @@ class S3Spec(_Model):
     )
 
 
-class JobRef(_Model):
-    """Which FineTuneJob a trainer works for (the attempt number comes in ENV_ATTEMPT)."""
+class JobRef(SpecModel):
+    """Which FineTuneJob a trainer works for (the attempt number comes in envvars.ATTEMPT)."""
 
     name: str
     namespace: str
     uid: str
 
 
-class TrainerConfig(_Model):
+class TrainerConfig(SpecModel):
     """Everything one trainer process needs, rendered by the operator."""
 
     job: JobRef
@@ -258,7 +193,12 @@ class TrainerConfig(_Model):
     @property
     def checkpoint_prefix(self) -> str:
         """The job's own prefix: checkpoints of two jobs never mix, and resume survives attempts."""
-        return f"{self.checkpoints.uri.rstrip('/')}/{self.job.namespace}/{self.job.name}"
+        return job_prefix(self.checkpoints.uri, self.job.namespace, self.job.name)
+
+    @property
+    def output_prefix(self) -> str:
+        """Where the job's result goes: <output.uri>/<namespace>/<name>."""
+        return job_prefix(self.output.uri, self.job.namespace, self.job.name)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json_dict(), indent=2, sort_keys=True)
@@ -270,41 +210,3 @@ class TrainerConfig(_Model):
     @classmethod
     def load(cls, path: str | Path = CONFIG_PATH) -> "TrainerConfig":
         return cls.loads(Path(path).read_text())
-
-
-class CheckpointRef(_Model):
-    uri: str
-    step: int
-    time: str  # RFC 3339
-
-
-class ProgressRecord(_Model):
-    """What the trainer reports (GET /progress, and the termination message at exit)."""
-
-    phase: Literal["starting", "preflight", "loading", "training", "checkpointing", "uploading", "done", "failed"]
-    step: int = 0
-    total_steps: int | None = None
-    epoch: float | None = None
-    loss: float | None = None
-    eval_loss: float | None = None
-    learning_rate: float | None = None
-    tokens_per_second: float | None = None
-    tokens_seen: int = 0
-    resumed_from_step: int | None = None
-    last_checkpoint: CheckpointRef | None = None
-    output_uri: str | None = None
-    message: str | None = Field(None, max_length=2048, description="Why it failed, for user errors.")
-    elapsed_seconds: float = 0.0
-    steps_per_second: float | None = None
-
-    @property
-    def progress_percentage(self) -> int | None:
-        if not self.total_steps:
-            return None
-        return max(0, min(100, int(100 * self.step / self.total_steps)))
-
-    @property
-    def estimated_remaining_seconds(self) -> int | None:
-        if not self.total_steps or not self.steps_per_second:
-            return None
-        return max(0, int((self.total_steps - self.step) / self.steps_per_second))
