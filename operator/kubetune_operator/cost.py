@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-if TYPE_CHECKING:  # import cycle: decide imports cost
-    from .api import ResourcesSpec
-    from .decide import NodeView, PodView
-    from .settings import Settings
+from .api import ResourcesSpec
+from .settings import Settings
+from .timeutil import parse_time, rfc3339
+from .views import GpuPrice, NodeView, PodView
 
 _CPU = re.compile(r"^([0-9.]+)(m?)$")
 
@@ -21,7 +22,7 @@ def cpu_cores(quantity: str) -> float:
     return value / 1000 if m.group(2) else value
 
 
-def price_per_hour(settings: "Settings", node: "NodeView | None", resources: "ResourcesSpec") -> float:
+def price_per_hour(settings: Settings, node: NodeView | None, resources: ResourcesSpec) -> float:
     """USD per hour for one worker on `node` (spot or on-demand price of its GPU type)."""
     capacity = node.capacity_type if node else "on-demand"
     if resources.gpus:
@@ -33,16 +34,14 @@ def price_per_hour(settings: "Settings", node: "NodeView | None", resources: "Re
 
 def accrue(
     cost: dict[str, Any] | None,
-    pods: Iterable["PodView"],
-    nodes: dict[str, "NodeView"],
-    resources: "ResourcesSpec",
-    price: Callable[["NodeView | None", "ResourcesSpec"], float],
+    pods: Iterable[PodView],
+    nodes: dict[str, NodeView],
+    resources: ResourcesSpec,
+    price: GpuPrice,
     now: dt.datetime,
 ) -> dict[str, Any]:
     """Add, for every worker container, the part of its run between `accruedUntil` and `now`.
     Idempotent for a given `now`."""
-    from .decide import parse_time, rfc3339
-
     now = now.replace(microsecond=0)  # accruedUntil has second resolution; stay consistent with it
     cost = dict(cost or {})
     since = parse_time(cost.get("accruedUntil")) or now

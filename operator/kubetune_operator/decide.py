@@ -1,4 +1,5 @@
-"""The reconcile decision: observed state in, actions out. Pure; no I/O, no clock reads.
+"""The reconcile decision: observed state in (views.Observed), actions out (Decision). Pure; no I/O,
+no clock reads. observe.py reads, act.py writes.
 
 One FineTuneJob runs as a sequence of *attempts*; each attempt is a set of worker pods named
 `<job>-a<attempt>-w<rank>`. An attempt ends in success, a preemption (the next attempt resumes
@@ -19,6 +20,8 @@ from kubetune_contract.progress import ExitCode, ProgressRecord
 from . import api
 from .cost import accrue
 from .render import pod_name
+from .timeutil import parse_time, rfc3339
+from .views import Observed, PodView, current_attempt
 
 Outcome = Literal["pending", "running", "succeeded", "preempted", "user_error", "failed"]
 
@@ -39,50 +42,9 @@ STATUS_KEYS = {f.alias or n for n, f in api.FineTuneJobStatus.model_fields.items
 
 
 @dataclass(frozen=True)
-class PodView:
-    """What the decision needs to know of one worker pod."""
-
-    name: str
-    attempt: int
-    rank: int
-    phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
-    deleting: bool = False
-    node: str | None = None
-    ip: str | None = None
-    exit_code: int | None = None
-    reason: str | None = None  # container terminated reason, else pod.status.reason
-    message: str | None = None  # termination message (the trainer's final ProgressRecord) or pod message
-    disruption: str | None = None  # DisruptionTarget condition reason
-    unschedulable: str | None = None  # PodScheduled=False message
-    waiting_reason: str | None = None
-    waiting_message: str | None = None
-    started_at: dt.datetime | None = None  # the trainer container's start (cost accrues from here)
-    finished_at: dt.datetime | None = None  # ... and its end
-
-
-@dataclass(frozen=True)
-class NodeView:
-    name: str
-    capacity_type: str  # "spot" | "on-demand"
-    gpu_type: str | None = None
-
-
-@dataclass(frozen=True)
-class Observed:
-    job: dict[str, Any]  # metadata + status as read
-    spec: api.FineTuneJobSpec | None
-    now: dt.datetime
-    pods: tuple[PodView, ...] = ()
-    nodes: dict[str, NodeView] = field(default_factory=dict)
-    spec_error: str | None = None  # spec that passed the schema but not the models (version skew)
-    preflight_problem: tuple[str, str] | None = None  # (reason, message): missing Secret, unreachable S3
-    gpu_type_known: bool | None = None  # None: not checked
-    progress: ProgressRecord | None = None  # polled from the running rank 0
-    gpu_price: Any = None  # callable(node: NodeView | None, resources) -> USD/hour; see cost.price_per_hour
-
-
-@dataclass(frozen=True)
 class Event:
+    """A Kubernetes Event to post on the job."""
+
     type: Literal["Normal", "Warning"]
     reason: str
     message: str
@@ -90,6 +52,8 @@ class Event:
 
 @dataclass
 class Decision:
+    """What one pass should do; act.act carries it out (the status write first)."""
+
     status: dict[str, Any]
     ensure_config: bool = False
     create_pods: list[tuple[int, int]] = field(default_factory=list)  # (attempt, rank)
@@ -98,22 +62,6 @@ class Decision:
     delete_pods: list[str] = field(default_factory=list)
     delete_job: bool = False
     events: list[Event] = field(default_factory=list)
-
-
-def rfc3339(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(s: str | None) -> dt.datetime | None:
-    """RFC 3339 in any of the forms Kubernetes components write (Z or +00:00, fractions);
-    None for absent or unreadable values, which must never stop a reconcile."""
-    if not s:
-        return None
-    try:
-        t = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
 def set_condition(status: dict[str, Any], ctype: str, value: bool, reason: str, message: str, now: dt.datetime, generation: int | None) -> bool:
@@ -136,11 +84,6 @@ def set_condition(status: dict[str, Any], ctype: str, value: bool, reason: str, 
 
 def condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c["type"] == ctype), None)
-
-
-def current_attempt(status: dict[str, Any], pods: tuple[PodView, ...]) -> int:
-    """The status's attempt, or a newer one whose pods exist (a status write that was lost)."""
-    return max([status.get("attempt") or 0, *(p.attempt for p in pods)])
 
 
 def classify(pod: PodView) -> Outcome:

@@ -1,19 +1,16 @@
-"""The operator's few Kubernetes calls, each idempotent ("get, else create"; 404 on delete is fine)."""
+"""The operator's few Kubernetes API calls, each idempotent ("get, else create"; 404 on delete is
+fine). A thin client: observe.py makes the reads, act.py the writes; neither talks to the API
+server any other way."""
 from __future__ import annotations
 
 import json
-import logging
-import socket
-import urllib.request
+import os
 from typing import Any
-from urllib.parse import urlparse
 
 import kubernetes
 from kubernetes.client.rest import ApiException
 
 from . import api
-
-log = logging.getLogger("kubetune.kube")
 
 
 class Kube:
@@ -88,44 +85,28 @@ class Kube:
             if e.status != 404:
                 raise
 
-    def secret_problem(self, namespace: str, ref: Any) -> tuple[str, str] | None:
-        """(reason, message) when the credentials Secret or one of its keys is missing."""
+    def get_secret(self, namespace: str, name: str) -> Any | None:
+        """The Secret (a V1Secret), or None when there is none; other errors (403 too) raise."""
         try:
-            secret = self.core.read_namespaced_secret(ref.name, namespace)
+            return self.core.read_namespaced_secret(name, namespace)
         except ApiException as e:
             if e.status == 404:
-                return ("SecretNotFound", f"Secret {ref.name!r} (spec.s3.credentialsSecret.name) not found in namespace "
-                        f"{namespace!r}; create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
-            if e.status == 403:
-                return None  # not allowed to look: the kubelet will report it if it is really missing
+                return None
             raise
-        keys = set((secret.data or {}) | (secret.string_data or {}))
-        missing = [k for k in (ref.access_key_id_key, ref.secret_access_key_key) if k not in keys]
-        if missing:
-            return ("SecretKeyMissing", f"Secret {ref.name!r} has no key(s) {', '.join(missing)} "
-                    f"(spec.s3.credentialsSecret); it has: {', '.join(sorted(keys)) or 'none'}")
-        return None
 
 
-def s3_endpoint_problem(endpoint: str | None, timeout: float = 2.0) -> tuple[str, str] | None:
-    """A TCP connect to the S3 endpoint: unreachable endpoints fail here, not after a pod starts."""
-    if not endpoint:
-        return None
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
+def load_client_config() -> None:
+    """In-cluster credentials, else $KUBECONFIG as it is now (the client library's default path is
+    frozen when it is imported). Called once at startup, before the first `Kube()`."""
     try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return None
-    except OSError as e:
-        return ("S3EndpointUnreachable", f"cannot reach spec.s3.endpoint {endpoint} ({e.__class__.__name__}: {e}); "
-                "check the URL, the Service/DNS name and network policies")
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
 
 
-def fetch_progress(ip: str, port: int, timeout: float = 2.0) -> dict[str, Any] | None:
-    """GET the trainer's /progress; None when it cannot be reached (starting, or we are off-cluster)."""
+def api_error_message(e: ApiException) -> str:
+    """The API server's own message from an error response (what a user should read)."""
     try:
-        with urllib.request.urlopen(f"http://{ip}:{port}/progress", timeout=timeout) as r:
-            return json.loads(r.read())
-    except (OSError, ValueError) as e:
-        log.debug("progress from %s unavailable: %s", ip, e)
-        return None
+        return json.loads(e.body or "{}").get("message") or str(e.reason)
+    except ValueError:
+        return (e.body or str(e.reason))[:800]

@@ -1,22 +1,17 @@
 """Operator metrics (prometheus-client). `kubetune_job_pod_info` is the join key between a job and
-its pods/nodes; the trainer's own metrics come from the trainer pods."""
+its pods/nodes; the trainer's own metrics come from the trainer pods.
+
+Built at startup (one `OperatorMetrics` in the operator context), each with its own registry, so
+importing this module registers nothing and two operators in one process do not collide."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import REGISTRY, Collector
-
-RECONCILE_SECONDS = Histogram(
-    "kubetune_reconcile_duration_seconds", "Time to observe, decide and act for one FineTuneJob.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
-RECONCILE_ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised.", ["kind"])
-PREEMPTIONS = Counter("kubetune_preemptions_total", "Trainer pods lost to preemption.", ["namespace"])
-RESTARTS = Counter("kubetune_restarts_total", "Attempts restarted after a non-preemption failure.", ["namespace"])
-PODS_CREATED = Counter("kubetune_pods_created_total", "Trainer pods created.", ["namespace"])
+from prometheus_client.registry import Collector, CollectorRegistry
 
 
 class _JobsCollector(Collector):
@@ -34,7 +29,7 @@ class _JobsCollector(Collector):
         with self._lock:
             self._jobs.pop((namespace, name), None)
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         with self._lock:
             jobs = dict(self._jobs)
         phases = GaugeMetricFamily("kubetune_jobs", "FineTuneJobs by phase.", labels=["phase"])
@@ -62,5 +57,24 @@ class _JobsCollector(Collector):
         yield from (phases, info, gpu_hours, usd, progress, job_preemptions)
 
 
-JOBS = _JobsCollector()
-REGISTRY.register(JOBS)
+class OperatorMetrics:
+    """Every metric the operator exports, registered in `registry` (served by start_http_server)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        if registry is None:
+            registry = CollectorRegistry()
+            for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # what the default registry has
+                registry.register(standard)
+        self.registry = r = registry
+        self.reconcile_seconds = Histogram(
+            "kubetune_reconcile_duration_seconds", "Time to observe, decide and act for one FineTuneJob.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+        )
+        self.reconcile_errors = Counter("kubetune_reconcile_errors_total", "Reconciles that raised.", ["kind"], registry=r)
+        self.preemptions = Counter("kubetune_preemptions_total", "Trainer pods lost to preemption.", ["namespace"],
+                                   registry=r)
+        self.restarts = Counter("kubetune_restarts_total", "Attempts restarted after a non-preemption failure.",
+                                ["namespace"], registry=r)
+        self.pods_created = Counter("kubetune_pods_created_total", "Trainer pods created.", ["namespace"], registry=r)
+        self.jobs = _JobsCollector()
+        r.register(self.jobs)

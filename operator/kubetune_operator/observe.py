@@ -1,11 +1,80 @@
-"""Pure views of Kubernetes objects: raw pod/node dicts -> the few facts decisions need."""
+"""Observe: every read of a reconcile pass, ending in one `views.Observed` for `decide`.
+
+Most of it comes from memory: kopf indexes hold every job, worker pod and node (`Indexes`), and
+`pod_view`/`node_view` turn raw objects into views as kopf fills them. Only a few reads go out,
+each only when needed: a GET of a pod the status records but the index lacks (its watch event may
+still be in flight, or another operator instance created it), the credentials Secret and a TCP
+connect to the S3 endpoint before an attempt starts, and rank 0's /progress during a sweep.
+"""
 from __future__ import annotations
 
+import json
+import logging
+import socket
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
-from .decide import NodeView, PodView, parse_time
+import kopf
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from kubetune_contract.config import SecretKeyRefs
+from kubetune_contract.layout import METRICS_PORT
+from kubetune_contract.progress import ProgressRecord
+
+from . import api
+from .context import OperatorContext
+from .cost import price_per_hour
+from .kube import Kube
 from .render import CONTAINER, LABEL_ATTEMPT, LABEL_RANK
 from .settings import Settings
+from .timeutil import parse_time, utc_now
+from .views import NodeView, Observed, PodView, current_attempt
+
+log = logging.getLogger("kubetune.operator")
+
+
+# ---- memory: kopf's indexes and the views they hold ------------------------------------------
+
+@dataclass(frozen=True)
+class Indexes:
+    """kopf's in-memory indexes (see handlers): jobs by (namespace, name), PodViews by job UID,
+    NodeViews by node name."""
+
+    jobs: kopf.Index
+    pods: kopf.Index
+    nodes: kopf.Index
+
+
+def plain(value: Any) -> Any:
+    """kopf's read-only views -> plain dicts and lists (ours to keep and mutate)."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def last_seen_job(ctx: OperatorContext, indexes: Indexes, namespace: str, name: str) -> dict[str, Any] | None:
+    """This operator's own last write of the job, else the jobs index's copy (no API read). A stale
+    one only costs a 409 on the (resourceVersion-conditional) status write and a re-read."""
+    return ctx.own_writes.latest.get((namespace, name)) or next(iter(indexes.jobs.get((namespace, name), ())), None)
+
+
+def indexed_pods(indexes: Indexes, job: dict[str, Any]) -> tuple[PodView, ...]:
+    return tuple(indexes.pods.get(job["metadata"]["uid"], ()))
+
+
+def indexed_nodes(indexes: Indexes) -> dict[str, NodeView]:
+    return {key: next(iter(store)) for key, store in indexes.nodes.items()}
+
+
+def read_job(ctx: OperatorContext, namespace: str, name: str) -> dict[str, Any] | None:
+    """The job afresh from the API server (after a conflict); None when it is gone."""
+    return ctx.kube.get_job(namespace, name)
 
 
 def pod_view(pod: dict[str, Any]) -> PodView:
@@ -60,6 +129,7 @@ def pod_view(pod: dict[str, Any]) -> PodView:
 
 
 def node_view(node: dict[str, Any], settings: Settings) -> NodeView:
+    """Spot or on-demand (settings.capacity_type_label/spot_value) and the GPU product label."""
     labels = (node.get("metadata") or {}).get("labels") or {}
     spot = labels.get(settings.capacity_type_label) == settings.spot_value
     return NodeView(
@@ -67,3 +137,127 @@ def node_view(node: dict[str, Any], settings: Settings) -> NodeView:
         capacity_type="spot" if spot else "on-demand",
         gpu_type=labels.get(settings.gpu_type_label),
     )
+
+
+# ---- one job's observation --------------------------------------------------------------------
+
+def observe(ctx: OperatorContext, job: dict[str, Any], pods: tuple[PodView, ...], nodes: dict[str, NodeView],
+            poll: bool) -> Observed:
+    """Everything `decide` may look at for `job`, given its indexed pods and all nodes. `poll`:
+    a sweep pass, which also asks the running rank 0 for progress."""
+    pods = pods + recorded_but_unseen(ctx.kube, job, pods)
+    spec, error = parse_spec(job)
+    now = utc_now()
+    preflight = None
+    gpu_known = None
+    progress = None
+    attempt = current_attempt(job.get("status") or {}, pods)
+    starting = spec is not None and not any(p.attempt == attempt for p in pods)
+    if starting and spec is not None:
+        preflight = preflight_problem(ctx, job["metadata"]["namespace"], spec)
+    if spec is not None and spec.resources.gpu_type:
+        gpu_known = any(n.gpu_type == spec.resources.gpu_type for n in nodes.values())
+    if poll:
+        progress = polled_progress(job, pods, attempt)
+    settings = ctx.settings
+    return Observed(
+        job=job, spec=spec, spec_error=error, now=now, pods=pods, nodes=nodes,
+        preflight_problem=preflight, gpu_type_known=gpu_known, progress=progress,
+        gpu_price=lambda node, resources: price_per_hour(settings, node, resources),
+    )
+
+
+def parse_spec(job: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, str | None]:
+    """The spec as the operator's models read it, or why they cannot (a CRD older than the operator)."""
+    try:
+        return api.FineTuneJobSpec.model_validate(job.get("spec") or {}), None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = "spec." + ".".join(str(p) for p in first["loc"])
+        return None, f"{where}: {first['msg']} (the CRD installed may be older than the operator)"
+
+
+def recorded_but_unseen(kube: Kube, job: dict[str, Any], pods: tuple[PodView, ...]) -> tuple[PodView, ...]:
+    """Pods the status records but the index does not hold yet. Ask the API server before
+    deciding: a pod just created (its watch event is in flight) must not be created again, and
+    one seen by another operator instance (an upgrade overlap) must not count as vanished."""
+    status = job.get("status") or {}
+    attempt = status.get("attempt") or 0
+    known = {p.name for p in pods}
+    found = []
+    for w in status.get("workers") or []:
+        if w.get("attempt") == attempt and w["name"] not in known:
+            raw = kube.get_pod(job["metadata"]["namespace"], w["name"])
+            if raw is not None:
+                found.append(pod_view(raw))
+    return tuple(found)
+
+
+def polled_progress(job: dict[str, Any], pods: tuple[PodView, ...], attempt: int) -> ProgressRecord | None:
+    """The running rank 0's /progress, if it answers with a readable record."""
+    rank0 = next((p for p in pods if p.attempt == attempt and p.rank == 0 and p.phase == "Running" and p.ip), None)
+    if rank0 is None or rank0.ip is None:
+        return None
+    raw = fetch_progress(rank0.ip, METRICS_PORT)
+    if not raw:
+        return None
+    try:
+        return ProgressRecord.model_validate(raw)
+    except ValidationError:
+        log.warning("job %s: trainer sent an unreadable progress record", job["metadata"]["name"])
+        return None
+
+
+# ---- reads outside the indexes ---------------------------------------------------------------
+
+def preflight_problem(ctx: OperatorContext, namespace: str, spec: api.FineTuneJobSpec) -> tuple[str, str] | None:
+    """(reason, message) when the job cannot start yet: its Secret or S3 endpoint is unusable."""
+    problem = None
+    if spec.s3.credentials_secret:
+        problem = secret_problem(ctx.kube, namespace, spec.s3.credentials_secret)
+    if problem is None and ctx.settings.preflight_s3_endpoint:
+        problem = s3_endpoint_problem(spec.s3.endpoint)
+    return problem
+
+
+def secret_problem(kube: Kube, namespace: str, ref: SecretKeyRefs) -> tuple[str, str] | None:
+    """(reason, message) when the credentials Secret or one of its keys is missing."""
+    try:
+        secret = kube.get_secret(namespace, ref.name)
+    except ApiException as e:
+        if e.status == 403:
+            return None  # not allowed to look: the kubelet will report it if it is really missing
+        raise
+    if secret is None:
+        return ("SecretNotFound", f"Secret {ref.name!r} (spec.s3.credentialsSecret.name) not found in namespace "
+                f"{namespace!r}; create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
+    keys = set((secret.data or {}) | (secret.string_data or {}))
+    missing = [k for k in (ref.access_key_id_key, ref.secret_access_key_key) if k not in keys]
+    if missing:
+        return ("SecretKeyMissing", f"Secret {ref.name!r} has no key(s) {', '.join(missing)} "
+                f"(spec.s3.credentialsSecret); it has: {', '.join(sorted(keys)) or 'none'}")
+    return None
+
+
+def s3_endpoint_problem(endpoint: str | None, timeout: float = 2.0) -> tuple[str, str] | None:
+    """A TCP connect to the S3 endpoint: unreachable endpoints fail here, not after a pod starts."""
+    if not endpoint:
+        return None
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return ("S3EndpointUnreachable", f"cannot reach spec.s3.endpoint {endpoint} ({e.__class__.__name__}: {e}); "
+                "check the URL, the Service/DNS name and network policies")
+
+
+def fetch_progress(ip: str, port: int, timeout: float = 2.0) -> dict[str, Any] | None:
+    """GET the trainer's /progress; None when it cannot be reached (starting, or we are off-cluster)."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{port}/progress", timeout=timeout) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError) as e:
+        log.debug("progress from %s unavailable: %s", ip, e)
+        return None

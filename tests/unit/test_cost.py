@@ -2,8 +2,8 @@ import datetime as dt
 
 from kubetune_operator import api
 from kubetune_operator.cost import accrue, cpu_cores, price_per_hour
-from kubetune_operator.decide import NodeView, PodView
 from kubetune_operator.settings import Settings
+from kubetune_operator.views import NodeView, PodView
 
 T0 = dt.datetime(2026, 11, 22, 12, 0, 0, tzinfo=dt.timezone.utc)
 

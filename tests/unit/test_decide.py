@@ -6,10 +6,11 @@ import datetime as dt
 import pytest
 
 from kubetune_operator import api
-from kubetune_operator.decide import NodeView, Observed, PodView, classify, decide, pod_rejected, set_condition
+from kubetune_operator.decide import classify, decide, pod_rejected, set_condition
+from kubetune_operator.views import NodeView, Observed, PodView
 from kubetune_contract.progress import ExitCode, ProgressRecord
 
-from tests.cluster.jobs import job_manifest
+from kubetune_dev.jobs import job_manifest
 
 T0 = dt.datetime(2026, 11, 22, 12, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -272,12 +273,12 @@ def test_cost_of_a_finished_container_is_accrued_at_once():
 @pytest.mark.parametrize("text", ["2026-11-22T12:00:00Z", "2026-11-22T12:00:00+00:00", "2026-11-22T12:00:00.123456Z",
                                   "2026-11-22T13:00:00+01:00"])
 def test_parse_time_reads_every_rfc3339_form_kubernetes_writes(text):
-    from kubetune_operator.decide import parse_time
+    from kubetune_operator.timeutil import parse_time
 
     assert parse_time(text).replace(microsecond=0) == T0
 
 
 def test_parse_time_never_raises():
-    from kubetune_operator.decide import parse_time
+    from kubetune_operator.timeutil import parse_time
 
     assert parse_time("yesterday") is None and parse_time(None) is None
