@@ -1,4 +1,5 @@
-"""Generate the FineTuneJob CRD from the pydantic models in `api` (the one source of truth).
+"""Generate the FineTuneJob CRD from the pydantic models in `api` (the one source of truth), and
+with it the chart's values.yaml, values.schema.json and Chart.yaml versions (`valuesgen`).
 
     python -m kubetune_operator.crdgen            # rewrite the generated files
     python -m kubetune_operator.crdgen --check    # exit 1 when a generated file is stale
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from . import api
+from . import api, valuesgen
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
@@ -172,7 +173,7 @@ def render_chart_template() -> str:
 
 
 def outputs() -> dict[Path, str]:
-    return {MANIFEST_PATH: render_manifest(), CHART_TEMPLATE_PATH: render_chart_template()}
+    return {MANIFEST_PATH: render_manifest(), CHART_TEMPLATE_PATH: render_chart_template(), **valuesgen.outputs()}
 
 
 def main(argv: list[str] | None = None) -> int:

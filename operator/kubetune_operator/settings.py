@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.metadata import version
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +25,10 @@ DEFAULT_GPU_PRICES: dict[str, dict[str, float]] = {
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    trainer_image: str = Field("localhost/kubetune-trainer:0.1.0", description="Default trainer image.")
+    trainer_image: str = Field(
+        default_factory=lambda: f"localhost/kubetune-trainer:{version('kubetune')}",
+        description="Default trainer image (tag: the package's version, which is the chart's appVersion).",
+    )
     trainer_image_pull_policy: str = Field("IfNotPresent", description="Default pull policy of trainer pods.")
     watch_namespace: str = Field("", description="Only watch this namespace (empty: all namespaces).")
     gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")

@@ -1,0 +1,150 @@
+"""The Helm chart's values as a typed API: the one place each value is documented.
+
+`valuesgen` writes charts/kubetune/values.yaml (each description as a comment above its key) and
+charts/kubetune/values.schema.json (strict, descriptions included) from `ChartValues`; a unit test
+fails when either drifts. Values the operator reads reach it as `Settings` fields through the
+Deployment's KUBETUNE_* environment: those fields take their default, description and limits from
+`Settings` itself (`_setting`), so the chart cannot document or default them differently.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
+
+from .settings import Settings
+
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+
+_UNSET: Any = object()
+
+
+def _setting(name: str, *, default: Any = _UNSET, description: str | None = None, note: str = "",
+             **constraints: Any) -> Any:
+    """A chart field that is the Settings field `name`: its description (plus a chart-side `note`),
+    default and limits, with `constraints` added where the chart needs more (a containerPort >= 1)."""
+    source = Settings.model_fields[name]
+    field: FieldInfo = copy.deepcopy(source)
+    field.description = " ".join(filter(None, [description or source.description, note])) or None
+    if default is not _UNSET:
+        field.default, field.default_factory = default, None
+    extra = Field(**constraints)  # keyword limits only (min_length, ge, ...): their metadata
+    field.metadata = [*field.metadata, *extra.metadata]
+    return field
+
+
+class _Values(BaseModel):
+    # camelCase keys like the rest of the chart; unknown keys are errors here and in the schema.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Crds(_Values):
+    enabled: bool = Field(True, description="Install the FineTuneJob CRD with the chart.")
+    keep: bool = Field(True, description="Keep the CRD (and so every FineTuneJob) when the chart is uninstalled.")
+
+
+class OperatorImage(_Values):
+    repository: str = Field("localhost/kubetune-operator", min_length=1, description="Image repository.")
+    tag: str = Field("", description="Image tag; empty: the chart's appVersion.")
+    pull_policy: PullPolicy = Field("IfNotPresent", description="Kubernetes imagePullPolicy of the container.")
+
+
+class Operator(_Values):
+    image: OperatorImage = Field(default_factory=OperatorImage, description="The operator's container image.")
+    watch_namespace: str = _setting("watch_namespace")
+    log_format: Literal["json", "plain"] = Field(
+        "json", description="Log line format of the operator: json (one object a line) or plain text.")
+    resources: dict[str, Any] = Field(
+        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        description="Resource requests and limits of the operator container.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the operator pod.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the operator pod.")
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of the operator pod.")
+    priority_class_name: str = Field("", description="PriorityClass of the operator pod (empty: none).")
+    extra_env: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra environment variables (EnvVar objects) for the operator container.")
+
+
+class Trainer(_Values):
+    image: str = _setting(
+        "trainer_image", default="localhost/kubetune-trainer", min_length=1,
+        note="For FineTuneJobs that do not set spec.pod.image; without a tag or digest the chart appends its "
+        "appVersion.")
+    pull_policy: PullPolicy = _setting("trainer_image_pull_policy")
+
+
+class Placement(_Values):
+    capacity_type_label: str = _setting(
+        "capacity_type_label", min_length=1,
+        note="Karpenter: karpenter.sh/capacity-type=spot; EKS managed node groups: eks.amazonaws.com/capacityType=SPOT;"
+        " GKE: cloud.google.com/gke-spot=true.")
+    spot_value: str = _setting("spot_value", min_length=1)
+    spot_tolerations: list[dict[str, Any]] = _setting("spot_tolerations")
+    gpu_resource: str = _setting("gpu_resource", min_length=1)
+    gpu_type_label: str = _setting("gpu_type_label", min_length=1, note="NVIDIA GPU feature discovery sets this one.")
+
+
+class GpuPrice(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    on_demand: float = Field(alias="on-demand", ge=0, description="USD per GPU-hour on on-demand nodes.")
+    spot: float | None = Field(None, ge=0, description="USD per GPU-hour on spot nodes.")
+
+
+class Cost(_Values):
+    # Not a mirror of Settings.gpu_prices: its default is the whole built-in table, the chart's is "keep it".
+    gpu_prices: dict[str, GpuPrice] = Field(
+        default_factory=dict,
+        description='USD per GPU-hour by GPU product label, {TYPE: {on-demand: X, spot: Y}}; "default" covers the '
+        "other types. Empty keeps the built-in list prices (DEFAULT_GPU_PRICES in operator/kubetune_operator/"
+        "settings.py).")
+    cpu_hour_price: float = _setting("cpu_hour_price")
+
+
+class ServiceMonitor(_Values):
+    enabled: bool = Field(False, description="Create it (needs the prometheus-operator CRDs in the cluster).")
+
+
+class Metrics(_Values):
+    port: int = _setting("metrics_port", ge=1, le=65535,
+                         description="Port of the operator's /metrics endpoint and of its Service.")
+    service_monitor: ServiceMonitor = Field(
+        default_factory=ServiceMonitor, description="A prometheus-operator ServiceMonitor for the operator's /metrics.")
+
+
+class ChartValues(_Values):
+    global_: dict[str, Any] = Field(
+        default_factory=dict, alias="global",
+        description="Values a parent chart shares with its subcharts; kubetune reads none of them (accepted so the "
+        "chart works as a subchart).")
+    crds: Crds = Field(default_factory=Crds, description="The FineTuneJob CRD's lifecycle.")
+    operator: Operator = Field(default_factory=Operator, description="The operator Deployment.")
+    trainer: Trainer = Field(default_factory=Trainer, description="Defaults for the trainer pods the operator creates.")
+    placement: Placement = Field(default_factory=Placement, description="How trainer pods find spot and GPU nodes.")
+    cost: Cost = Field(default_factory=Cost, description="Prices for the cost estimate in each job's status.")
+    progress_poll_seconds: float = _setting(
+        "progress_poll_seconds", note="In seconds; also the period of the deadline/TTL sweep.")
+    preflight_s3_endpoint: bool = _setting("preflight_s3_endpoint")
+    metrics: Metrics = Field(default_factory=Metrics, description="The operator's Prometheus metrics.")
+
+
+# Where the operator finds each chart value: Settings field -> values path. The Deployment passes
+# each as KUBETUNE_<FIELD> (health_port is fixed by the chart: its liveness probe names the port).
+SETTINGS_PATHS: dict[str, str] = {
+    "watch_namespace": "operator.watchNamespace",
+    "trainer_image": "trainer.image",
+    "trainer_image_pull_policy": "trainer.pullPolicy",
+    "capacity_type_label": "placement.capacityTypeLabel",
+    "spot_value": "placement.spotValue",
+    "spot_tolerations": "placement.spotTolerations",
+    "gpu_resource": "placement.gpuResource",
+    "gpu_type_label": "placement.gpuTypeLabel",
+    "gpu_prices": "cost.gpuPrices",
+    "cpu_hour_price": "cost.cpuHourPrice",
+    "progress_poll_seconds": "progressPollSeconds",
+    "preflight_s3_endpoint": "preflightS3Endpoint",
+    "metrics_port": "metrics.port",
+}
