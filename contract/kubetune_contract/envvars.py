@@ -26,6 +26,7 @@ S3_SECRET_KEY = "AWS_SECRET_ACCESS_KEY"
 # Set by the trainer's own launcher for each local process when a pod has several GPUs.
 LOCAL_RANK = "LOCAL_RANK"
 LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+LOCAL_WORKER = "KUBETUNE_LOCAL_WORKER"  # "1" on the launcher's children: train, never launch again
 
 # Read by the trainer only; the operator never sets them.
 TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"  # default layout.TERMINATION_LOG

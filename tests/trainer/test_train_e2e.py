@@ -6,7 +6,9 @@ import pytest
 
 from kubetune_trainer.__main__ import main
 from kubetune_contract.progress import ExitCode, ProgressRecord
-from tests.fixtures.tiny_model import events, instruction_records, trainer_config, write_jsonl
+from kubetune_dev.tiny_model import instruction_records, write_jsonl
+from kubetune_dev.trainer_inputs import trainer_config
+from tests.fixtures.tiny_model import events
 
 pytestmark = pytest.mark.s3
 
@@ -158,7 +160,9 @@ def test_invalid_config_names_the_field(tmp_path, monkeypatch, capsys, minio, ti
 
 def test_sigterm_before_training_exits_preempted_without_saving(tmp_path, minio, tiny_model_dir, data_file, monkeypatch):
     from kubetune_contract.config import TrainerConfig
-    from kubetune_trainer.train import DistEnv, Run, RunOptions, StopFlag
+    from kubetune_trainer.options import TrainerOptions
+    from kubetune_trainer.signals import StopFlag
+    from kubetune_trainer.train import run
 
     bucket = minio.make_bucket()
     for k, v in minio.env().items():
@@ -167,9 +171,9 @@ def test_sigterm_before_training_exits_preempted_without_saving(tmp_path, minio,
                                                       model_dir=tiny_model_dir, data_uri=str(data_file)))
     stop = StopFlag()
     stop.set("SIGTERM")  # arrived while the pod was starting
-    opts = RunOptions(work_dir=tmp_path / "work", metrics_port=None,
-                      termination_log=str(tmp_path / "termination-log"), install_signal_handlers=False)
-    assert Run(cfg, opts, DistEnv(), stop).run() == ExitCode.PREEMPTED
+    opts = TrainerOptions(work_dir=tmp_path / "work", metrics_port=None,
+                          termination_log=str(tmp_path / "termination-log"))
+    assert run(cfg, opts, stop=stop) == ExitCode.PREEMPTED  # a caller's own StopFlag: no signal handlers
     assert "Contents" not in minio.client().list_objects_v2(Bucket=bucket, Prefix="checkpoints/")
     rec = ProgressRecord.model_validate_json((tmp_path / "termination-log").read_text())
     assert "preempted before training" in rec.message

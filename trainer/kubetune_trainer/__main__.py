@@ -1,11 +1,14 @@
 """`kubetune-train` / `python -m kubetune_trainer`: read the trainer config, train, exit with a
 config.ExitCode (0 success, 1 retriable, 2 user error, 3 preempted with a durable checkpoint).
 
-Environment: KUBETUNE_CONFIG (default config.CONFIG_PATH), RANK / WORLD_SIZE / MASTER_ADDR /
-MASTER_PORT (pod rank and number of pods; see docs/design/trainer.md for several GPUs per pod),
-KUBETUNE_METRICS_PORT (default 9400; 0 = any free port; "off"), KUBETUNE_WORK_DIR (local scratch,
-default /tmp/kubetune), KUBETUNE_TERMINATION_LOG (default /dev/termination-log).
+The environment is read here, once, into `options.TrainerOptions` (every variable and its default
+is documented there), and passed down: KUBETUNE_CONFIG (default layout.CONFIG_PATH), RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT (pod rank and number of pods; see docs/design/trainer.md for
+several GPUs per pod), KUBETUNE_METRICS_PORT (default 9400; 0 = any free port; "off"),
+KUBETUNE_WORK_DIR (local scratch, default /tmp/kubetune), KUBETUNE_TERMINATION_LOG (default
+/dev/termination-log), and the test/demo knobs of kubetune_contract.envvars.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,36 +47,43 @@ def _write_failure(path: str, message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="kubetune-train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=os.environ.get(envvars.CONFIG, CONFIG_PATH), help="trainer config JSON")
+    ap = argparse.ArgumentParser(prog="kubetune-train", description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument(
+        "--config", default=None, help=f"trainer config JSON (default: ${envvars.CONFIG}, else {CONFIG_PATH})"
+    )
     ap.add_argument("--check-config", action="store_true", help="validate the config and exit")
     args = ap.parse_args(argv)
 
     from . import logs
     from .errors import KubetuneError
-    from .train import RunOptions
+    from .options import TrainerOptions
 
     logs.disable_progress_bars()
     logs.capture_stdlib_logging()
-    opts = RunOptions.from_environ()
+    try:
+        opts = TrainerOptions.from_environ(os.environ)  # the one read of this process's environment
+    except KubetuneError as e:
+        logs.log("failed", "error", error_type=type(e).__name__, message=str(e), exit_code=int(e.exit_code))
+        return int(e.exit_code)
+    config_path = args.config or opts.config_path
     from kubetune_contract.config import TrainerConfig
 
     try:
-        cfg = TrainerConfig.load(args.config)
+        cfg = TrainerConfig.load(config_path)
     except Exception as e:  # noqa: BLE001
-        msg = _config_error(args.config, e)
+        msg = _config_error(config_path, e)
         logs.log("config_invalid", "error", message=msg, exit_code=int(ExitCode.USER_ERROR))
         _write_failure(opts.termination_log, msg)
         return int(ExitCode.USER_ERROR)
     if args.check_config:
-        logs.log("config_ok", path=args.config)
+        logs.log("config_ok", path=config_path)
         return 0
 
     from .launch import maybe_launch_local_workers
 
-    code = maybe_launch_local_workers(cfg)
-    if code is not None:
-        return int(code)
+    launched = maybe_launch_local_workers(cfg, opts, os.environ)
+    if launched is not None:
+        return int(launched)
 
     from .train import run
 
@@ -85,8 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return int(ExitCode.PREEMPTED)
     except BaseException as e:  # noqa: BLE001 - unknown failures are retried
-        logs.log("crashed", "error", error_type=type(e).__name__, message=str(e),
-                 traceback=traceback.format_exc()[-4000:], exit_code=int(ExitCode.RETRIABLE))
+        logs.log(
+            "crashed",
+            "error",
+            error_type=type(e).__name__,
+            message=str(e),
+            traceback=traceback.format_exc()[-4000:],
+            exit_code=int(ExitCode.RETRIABLE),
+        )
         return int(ExitCode.RETRIABLE)
     return int(code)
 

@@ -370,7 +370,9 @@ class Sequence:
 
     @property
     def trained_tokens(self) -> int:
-        return sum(1 for l in self.labels if l != IGNORE)
+        """Tokens the loss is taken over: the model shifts labels by one, so position 0 is never
+        a target. The step's all-reduced sum is the loss's `num_items_in_batch`."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE)
 
 
 def to_sequence(ex: Example) -> Sequence:

@@ -4,33 +4,33 @@ training process per GPU (like torchrun), forwards SIGTERM to them, and exits wi
 The operator sets RANK/WORLD_SIZE to the pod's index and the number of pods. With
 gpusPerWorker = g > 1 the launcher gives local process i: RANK = pod*g + i, WORLD_SIZE = pods*g,
 LOCAL_RANK = i (MASTER_ADDR/PORT unchanged: global rank 0 hosts the rendezvous).
-KUBETUNE_PROCS_PER_WORKER overrides g (used by tests on CPU).
+KUBETUNE_PROCS_PER_WORKER (options.procs_per_worker) overrides g (used by tests on CPU).
 """
+
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
-from . import logs
 from kubetune_contract import envvars
 from kubetune_contract.config import TrainerConfig
 from kubetune_contract.progress import ExitCode
 
-CHILD_MARK = "KUBETUNE_LOCAL_WORKER"
+from . import logs
+from .options import TrainerOptions
 
 
-def procs_per_worker(cfg: TrainerConfig) -> int:
-    env = os.environ.get("KUBETUNE_PROCS_PER_WORKER")
-    if env:
-        return max(1, int(env))
+def procs_per_worker(cfg: TrainerConfig, opts: TrainerOptions) -> int:
+    if opts.procs_per_worker is not None:
+        return opts.procs_per_worker
     if cfg.gpus_per_worker <= 1:
         return 1
     from .model import cuda_available
 
-    if not cuda_available():
+    if not cuda_available(opts.force_cpu):
         return 1
     import torch
 
@@ -48,20 +48,27 @@ def combine(codes: list[int]) -> ExitCode:
     return ExitCode.SUCCESS
 
 
-def maybe_launch_local_workers(cfg: TrainerConfig) -> ExitCode | None:
-    """None when this process should train itself; else the combined exit code of its workers."""
-    if os.environ.get(CHILD_MARK):
+def maybe_launch_local_workers(cfg: TrainerConfig, opts: TrainerOptions, environ: Mapping[str, str]) -> ExitCode | None:
+    """None when this process should train itself; else the combined exit code of its workers.
+    Each worker gets a copy of environ (this process's environment) with its own ranks."""
+    if opts.local_worker:
         return None
-    g = procs_per_worker(cfg)
+    g = procs_per_worker(cfg, opts)
     if g <= 1:
         return None
-    pod_rank = int(os.environ.get(envvars.RANK, "0") or 0)
-    pods = int(os.environ.get(envvars.WORLD_SIZE, "1") or 1)
+    pod_rank, pods = opts.dist.rank, opts.dist.world
     children: list[subprocess.Popen] = []
     for i in range(g):
-        env = dict(os.environ)
-        env.update({CHILD_MARK: "1", envvars.RANK: str(pod_rank * g + i), envvars.WORLD_SIZE: str(pods * g),
-                    "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(g)})
+        env = dict(environ)
+        env.update(
+            {
+                envvars.LOCAL_WORKER: "1",
+                envvars.RANK: str(pod_rank * g + i),
+                envvars.WORLD_SIZE: str(pods * g),
+                envvars.LOCAL_RANK: str(i),
+                envvars.LOCAL_WORLD_SIZE: str(g),
+            }
+        )
         children.append(subprocess.Popen([sys.executable, "-m", "kubetune_trainer", *sys.argv[1:]], env=env))
     logs.log("local_workers_started", workers=g, pids=[c.pid for c in children])
 

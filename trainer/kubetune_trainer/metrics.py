@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -15,6 +17,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from . import logs
+
+
+@dataclass
+class Throughput:
+    """Tokens, samples and steps per second since the last reset (the last logging window)."""
+
+    t0: float = field(default_factory=time.monotonic)
+    tokens: int = 0
+    samples: int = 0
+    steps: int = 0
+
+    def reset(self) -> None:
+        self.t0, self.tokens, self.samples, self.steps = time.monotonic(), 0, 0, 0
+
+    def rates(self) -> tuple[float, float, float]:
+        dt = max(1e-9, time.monotonic() - self.t0)
+        return self.tokens / dt, self.samples / dt, self.steps / dt
 
 
 class _NvmlCollector:

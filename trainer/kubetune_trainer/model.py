@@ -8,17 +8,23 @@
   imported only here, only when asked for (it is absent from CPU images).
 - DeepSpeed presets are data files in kubetune_trainer/deepspeed/*.json; "auto" values are filled
   from the TrainingSpec. Used only with GPUs.
+- The training parts (optimizer, schedule, scaler, DDP wrapper or DeepSpeed engine) are built here
+  too: `build_training_parts` returns the `state.TrainingParts` that checkpoints save and restore.
 """
+
 from __future__ import annotations
 
 import json
-import os
+import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from kubetune_contract.config import TrainerConfig
+
+from .dist import Dist, export_deepspeed_env
 from .errors import UserError
+from .state import TrainingParts
 
 DEEPSPEED_PRESETS = ("zero2", "zero2-offload", "zero3", "zero3-offload")
 
@@ -51,11 +57,12 @@ def resolve_precision(requested: str, cuda: bool) -> Precision:
 def check_method_supported(cfg: TrainerConfig, cuda: bool) -> None:
     """Fail fast (exit 2) on combinations this machine cannot run."""
     if cfg.method == "qlora" and not cuda:
-        raise UserError("method=qlora needs a GPU (bitsandbytes 4-bit quantisation); this trainer "
-                        "has no CUDA device: use method=lora, or request GPUs (gpusPerWorker)")
+        raise UserError(
+            "method=qlora needs a GPU (bitsandbytes 4-bit quantisation); this trainer "
+            "has no CUDA device: use method=lora, or request GPUs (gpusPerWorker)"
+        )
     if cfg.training.deepspeed != "none" and not cuda:
-        raise UserError(f"training.deepspeed={cfg.training.deepspeed} needs GPUs; "
-                        "set deepspeed: none for CPU training")
+        raise UserError(f"training.deepspeed={cfg.training.deepspeed} needs GPUs; set deepspeed: none for CPU training")
 
 
 def load_tokenizer(src: str, cfg: TrainerConfig):
@@ -85,8 +92,7 @@ def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = dict(revision=cfg.base_model.revision,
-                                  trust_remote_code=cfg.base_model.trust_remote_code)
+    kwargs: dict[str, Any] = dict(revision=cfg.base_model.revision, trust_remote_code=cfg.base_model.trust_remote_code)
     if cfg.method == "qlora":
         try:
             import bitsandbytes  # noqa: F401  (imported only for qlora; absent on CPU images)
@@ -96,8 +102,11 @@ def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
 
         compute = torch.bfloat16 if precision.name in ("bf16", "fp32") else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute,
         )
         kwargs["dtype"] = compute
         kwargs["device_map"] = {"": device.index or 0}
@@ -107,7 +116,7 @@ def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
     else:
         kwargs["dtype"] = torch.float32  # full fine-tuning: fp32 master weights, autocast computes
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"baseModel.uri: cannot load a causal LM from {cfg.base_model.uri}: {e}") from None
     model.config.use_cache = False
@@ -119,7 +128,8 @@ def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False})
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -127,8 +137,12 @@ def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
         from peft import LoraConfig, get_peft_model
 
         lc = LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=_lora_targets(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM",
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=_lora_targets(cfg.lora.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
         )
         try:
             model = get_peft_model(model, lc)
@@ -193,9 +207,107 @@ def is_peft(model) -> bool:
         return False
 
 
-def cuda_available() -> bool:
+def cuda_available(force_cpu: bool = False) -> bool:
+    """CUDA is used when present, unless the options say force_cpu (KUBETUNE_FORCE_CPU)."""
     import torch
 
-    if os.environ.get("KUBETUNE_FORCE_CPU") == "1":
+    if force_cpu:
         return False
     return torch.cuda.is_available()
+
+
+def build_training_parts(
+    model, cfg: TrainerConfig, precision: Precision, total_steps: int, dist: Dist
+) -> TrainingParts:
+    """AdamW (weight decay on matrices only) and the LR schedule over total_steps, wrapped for
+    DDP; or, with a DeepSpeed preset, the engine built by deepspeed.initialize around the same
+    schedule (its optimizer comes from the preset: DeepSpeedCPUAdam under offload)."""
+    import torch
+    from transformers import get_scheduler
+
+    t = cfg.training
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    warmup = math.ceil(t.warmup_ratio * total_steps)
+    if t.deepspeed != "none":
+        try:
+            import deepspeed  # noqa: F401  (GPU image only)
+        except Exception as e:
+            raise UserError(
+                f"training.deepspeed={t.deepspeed} needs the deepspeed package, which this "
+                f"trainer image lacks ({e}); build it with EXTRAS=trainer,deepspeed"
+            ) from None
+        export_deepspeed_env(dist.env)
+        engine, opt, _, sched = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            config=deepspeed_config(cfg, precision),
+            lr_scheduler=lambda o: get_scheduler(
+                t.lr_scheduler, o, num_warmup_steps=warmup, num_training_steps=total_steps
+            ),
+        )
+        return TrainingParts(
+            model=model, wrapped=engine, trainable=params, optimizer=opt, scheduler=sched, ds_engine=engine
+        )
+    optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, fused=dist.cuda)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
+    wrapped = model
+    if dist.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(model, device_ids=[dist.device.index] if dist.cuda else None)
+    return TrainingParts(
+        model=model, wrapped=wrapped, trainable=params, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+    )
+
+
+def autocast(precision: Precision, device: Any, parts: TrainingParts) -> Any:
+    """The autocast context of forward passes (DeepSpeed casts by itself)."""
+    import contextlib
+
+    import torch
+
+    if precision.autocast and parts.ds_engine is None:
+        return torch.autocast(device.type, dtype=precision.dtype)
+    return contextlib.nullcontext()
+
+
+def forward(model: Any, seqs: list, n_items: float, device: Any, pad_id: int) -> Any:
+    """One forward pass over seqs; its loss is the sum over their trained tokens / n_items."""
+    from .data import collate
+
+    batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
+    return model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        labels=batch["labels"],
+        num_items_in_batch=n_items,
+        use_cache=False,
+    )
+
+
+def eval_loss(
+    parts: TrainingParts, seqs: list, *, dist: Dist, batch_size: int, precision: Precision, pad_id: int
+) -> float | None:
+    """Token-weighted loss over seqs, each rank taking its share; the same value on every rank."""
+    import torch
+
+    parts.wrapped.eval()
+    mine = seqs[dist.env.rank :: dist.env.world]
+    total = count = 0.0
+    ctx = autocast(precision, dist.device, parts)
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            batch = mine[i : i + batch_size]
+            n = sum(s.trained_tokens for s in batch)
+            if n == 0:
+                continue
+            with ctx:
+                out = forward(parts.model, batch, float(n), dist.device, pad_id)
+            total += float(out.loss.float()) * n
+            count += n
+    total, count = dist.all_reduce([total, count])
+    return total / count if count else None

@@ -13,7 +13,6 @@ Kept light: boto3 only, no torch.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -144,7 +143,6 @@ def _key_hint(client: S3Client) -> str:
         key = creds.access_key if creds else None
     except AttributeError:
         key = None
-    key = key or os.environ.get(envvars.S3_ACCESS_KEY)
     return f" {key[:4]}…" if key else ""
 
 

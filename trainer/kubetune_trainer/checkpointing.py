@@ -1,0 +1,160 @@
+"""This attempt's checkpoints: *when* and *by whom* they are taken, over the format (`state`) and
+the store (`checkpoint.CheckpointStore`).
+
+- resume: every rank restores the newest valid checkpoint and all check they got the same step;
+- save: all ranks write locally (blocking; RNG states gathered, DeepSpeed shards per rank), then
+  rank 0 alone uploads in the background; three failed uploads in a row end the attempt;
+- at a stop: the current step is saved (unless it already is), rank 0 waits for the upload, and
+  all ranks agree it is durable before the run exits PREEMPTED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from kubetune_contract.config import TrainerConfig
+
+from . import logs
+from . import state as S
+from .dist import Dist
+from .errors import KubetuneError, RetriableError
+from .state import TrainingParts, TrainState
+
+MAX_UPLOAD_FAILURES = 3
+
+
+class Checkpointing:
+    def __init__(
+        self, cfg: TrainerConfig, dist: Dist, work: Path, store: Any, progress: Any, metrics: Any, attempt: int | None
+    ) -> None:
+        self.cfg, self.dist, self.work, self.store = cfg, dist, work, store
+        self.progress, self.metrics, self.attempt = progress, metrics, attempt
+        self.last_saved_step: int | None = None  # on every rank: at a stop all must agree whether to save
+        self.last_time = time.monotonic()  # rank 0's clock decides time-based checkpoints
+        self.failures: list[BaseException] = []
+
+    @classmethod
+    def open(
+        cls, cfg: TrainerConfig, dist: Dist, work: Path, client: Any, progress: Any, metrics: Any, attempt: int | None
+    ) -> Checkpointing:
+        """Over the job's CheckpointStore (its upload metrics on the trainer's registry)."""
+        from .checkpoint import CheckpointStore
+
+        store = CheckpointStore(
+            cfg.checkpoint_prefix, cfg.s3, cfg.checkpoints.keep_last, client=client, registry=metrics.registry
+        )
+        return cls(cfg, dist, work, store, progress, metrics, attempt)
+
+    def resume(self, parts: TrainingParts, batches: Any) -> tuple[TrainState, Any] | None:
+        """(state, checkpoint info) of the newest valid checkpoint, loaded into parts; None for a
+        fresh start."""
+        env = self.dist.env
+        ckpt_dir = self.work / f"rank{env.rank}" / "restore"
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        info = self.store.restore_latest(ckpt_dir)
+        steps = self.dist.gather_objects(info.step if info is not None else None)
+        if len(set(steps)) > 1:
+            raise RetriableError(f"ranks restored different checkpoints (steps {steps}); retrying the attempt")
+        if info is None:
+            logs.rank0("fresh_start", prefix=self.cfg.checkpoint_prefix)
+            return None
+        st = S.restore(
+            ckpt_dir,
+            info.uri,
+            parts,
+            self.dist,
+            global_micro=batches.global_micro,
+            micro_per_epoch=batches.micro_per_epoch,
+            seed=self.cfg.training.seed,
+        )
+        self.last_saved_step = st.global_step
+        logs.log("resumed", step=st.global_step, epoch=st.epoch, micro_in_epoch=st.micro_in_epoch, checkpoint=info.uri)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return st, info
+
+    def due_by_time(self) -> bool:
+        """everyMinutes has passed since the last checkpoint (rank 0's answer is the one used)."""
+        every = self.cfg.checkpoints.every_minutes
+        return bool(self.dist.rank0 and every and time.monotonic() - self.last_time >= every * 60)
+
+    def save(self, st: TrainState, parts: TrainingParts, reason: str) -> Any:
+        """Local save (blocking, all ranks take part), then background upload by rank 0; the
+        upload's future on rank 0, else None."""
+        t0 = time.monotonic()
+        step = st.global_step
+        # the same path on every rank (DeepSpeed ranks of one pod write their shards into it)
+        local = self.work / "checkpoints" / f"step-{step:09d}"
+        self.last_saved_step = step
+        if self.dist.rank0:
+            self.progress.update(phase="checkpointing")
+        if not S.write(local, parts, st, self.dist):
+            return None
+        blocked = time.monotonic() - t0
+        meta = {
+            "global_step": step,
+            "epoch": st.epoch,
+            "loss": st.last_loss,
+            "tokens_seen": st.tokens_seen,
+            "reason": reason,
+            "method": self.cfg.method,
+            "attempt": self.attempt,
+        }
+        fut = self.store.save_async(step, local, meta)
+        fut.add_done_callback(self._on_upload_done)
+        self.last_time = time.monotonic()
+        self.metrics.safe(lambda: self.metrics.checkpoint_save.set(blocked))
+        logs.log("checkpoint_saved_locally", step=step, reason=reason, seconds=round(blocked, 3))
+        self.progress.update(phase="training")
+        return fut
+
+    def _on_upload_done(self, fut: Any) -> None:
+        try:
+            info = fut.result()
+        except BaseException as e:  # noqa: BLE001 - reported, retried by the next checkpoint
+            self.failures.append(e)
+            logs.log("checkpoint_upload_failed", "error", error=f"{type(e).__name__}: {e}")
+            return
+        with contextlib.suppress(Exception):
+            self.progress.update(last_checkpoint=info.to_ref())
+            logs.log("checkpoint_durable", step=info.step, uri=info.uri, files=len(info.files or []))
+
+    def raise_if_uploads_keep_failing(self) -> None:
+        if len(self.failures) >= MAX_UPLOAD_FAILURES:
+            e = self.failures[-1]
+            if isinstance(e, KubetuneError):
+                raise e
+            raise RetriableError(f"checkpoint uploads keep failing: {e}") from e
+
+    def make_durable(self, st: TrainState, parts: TrainingParts) -> None:
+        """At a stop: this step saved and uploaded, or RetriableError on every rank."""
+        fut = None
+        if self.last_saved_step != st.global_step:
+            fut = self.save(st, parts, "sigterm")
+        ok = True
+        if self.dist.rank0:
+            self.progress.update(phase="uploading")
+            logs.log("phase", phase="uploading")
+            try:
+                info = self.store.wait()
+                ok = info is not None and info.step == st.global_step and not (fut and fut.exception())
+            except BaseException as e:  # noqa: BLE001
+                logs.log("checkpoint_upload_failed", "error", error=f"{type(e).__name__}: {e}")
+                ok = False
+        if not self.dist.agree(ok):
+            raise RetriableError(f"preempted at step {st.global_step} but the checkpoint did not become durable")
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Rank 0: let an upload in flight finish (errors were reported when they happened)."""
+        if self.dist.rank0:
+            with contextlib.suppress(BaseException):
+                self.store.wait(timeout=timeout)
+
+    def close(self, timeout: float) -> None:
+        if self.dist.rank0:
+            self.wait(timeout)
+            with contextlib.suppress(BaseException):
+                self.store.close(wait=False)
