@@ -12,10 +12,10 @@ setup:
 
 ## The main job: a real fine-tune on a local cluster, with one injected preemption.
 demo: setup
-	$(PY) hack/demo.py
+	$(PY) -m kubetune_dev.demo
 
 demo-down:
-	$(PY) hack/demo.py --down
+	$(PY) -m kubetune_dev.demo --down
 
 ## Every test: unit, trainer (real MinIO), cluster (real control plane) and e2e (real node).
 test: setup

@@ -17,19 +17,16 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "trainer"), str(REPO)]
+from prometheus_client import CollectorRegistry
 
-from prometheus_client import CollectorRegistry  # noqa: E402
-
-from kubetune_trainer import s3  # noqa: E402
-from kubetune_trainer.checkpoint import CheckpointStore  # noqa: E402
-from kubetune_contract.config import S3Spec  # noqa: E402
+from kubetune_contract.config import S3Spec
+from kubetune_dev.s3server import MinioServer
+from kubetune_trainer import s3
+from kubetune_trainer.checkpoint import CheckpointStore
 
 MB = 1024 * 1024
 
@@ -100,8 +97,6 @@ def main() -> None:
     if args.endpoint:
         client = s3.make_client(S3Spec(endpoint=args.endpoint))
     else:
-        from tests.fixtures.minio import MinioServer
-
         server = MinioServer().start()
         client = server.client()
     try:

@@ -22,16 +22,16 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "hack"), str(REPO / "operator"), str(REPO / "trainer"), str(REPO)]
+import kubernetes
+import psutil
+import yaml
 
-import kubernetes  # noqa: E402
-import psutil  # noqa: E402
-import yaml  # noqa: E402
-
-import localcluster  # noqa: E402
-from tests.cluster.jobs import GROUP, PLURAL, VERSION, job_manifest  # noqa: E402
-from tests.fixtures.control_plane import fake_node_manifest  # noqa: E402
+from kubetune_dev.controlplane import ControlPlane, create_namespace
+from kubetune_dev.jobs import job_manifest
+from kubetune_dev.kwok import fake_node_manifest, start_kwok
+from kubetune_dev.procs import terminate
+from kubetune_dev.versions import REPO
+from kubetune_operator.api import GROUP, PLURAL, VERSION
 
 OPERATOR_USER = "kubetune-operator-bench"
 
@@ -41,11 +41,11 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def run(n: int, cp: localcluster.ControlPlane, api: kubernetes.client.ApiClient, workdir: Path) -> dict:
+def run(n: int, cp: ControlPlane, api: kubernetes.client.ApiClient, workdir: Path) -> dict:
     core = kubernetes.client.CoreV1Api(api)
     custom = kubernetes.client.CustomObjectsApi(api)
     ns = f"bench-{uuid.uuid4().hex[:6]}"
-    localcluster.create_namespace(core, ns)
+    create_namespace(core, ns)
     core.create_namespaced_secret(ns, {"metadata": {"name": "s3-creds"},
                                        "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}})
 
@@ -72,7 +72,7 @@ def run(n: int, cp: localcluster.ControlPlane, api: kubernetes.client.ApiClient,
     log = open(workdir / f"operator-{n}.log", "wb")
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_METRICS_PORT": "0", "KUBETUNE_HEALTH_PORT": "0",
            "KUBETUNE_PREFLIGHT_S3_ENDPOINT": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "trainer")])}
+           "PYTHONPATH": os.pathsep.join([str(REPO / "contract"), str(REPO / "operator"), str(REPO / "trainer")])}
     op = subprocess.Popen([sys.executable, "-m", "kubetune_operator", "--log-format", "plain"], env=env, stdout=log,
                           stderr=subprocess.STDOUT)
     proc = psutil.Process(op.pid)
@@ -148,18 +148,13 @@ def main() -> int:
     args = ap.parse_args()
     sizes = args.jobs or [50, 200]
     workdir = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    cp = localcluster.ControlPlane(workdir / "cp", audit=True).start()
+    cp = ControlPlane(workdir / "cp", audit=True).start()
     kwok = None
     try:
         api = kubernetes.config.new_client_from_config(str(cp.kubeconfig))
         crd = yaml.safe_load((REPO / "manifests/crds/finetunejobs.kubetune.io.yaml").read_text())
         kubernetes.client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
-        kwok_cfg = workdir / "kwok.yaml"
-        kwok_cfg.write_text("")
-        kwok = subprocess.Popen([str(localcluster.binary("kwok")), f"--kubeconfig={cp.kubeconfig}", f"--config={kwok_cfg}",
-                                 "--manage-all-nodes=true", "--cidr=10.244.0.1/16",
-                                 f"--server-address=127.0.0.1:{localcluster.free_port()}"],
-                                stdout=open(workdir / "kwok.log", "wb"), stderr=subprocess.STDOUT)
+        kwok = start_kwok(cp.kubeconfig, workdir, all_nodes=True)
         node = fake_node_manifest("bench-node", spot=True, cpu="10000", memory="100Ti")
         node["status"]["capacity"]["pods"] = node["status"]["allocatable"]["pods"] = "5000"
         kubernetes.client.CoreV1Api(api).create_node(node)
@@ -167,7 +162,7 @@ def main() -> int:
         results = [run(n, cp, api, workdir) for n in sizes]
     finally:
         if kwok:
-            kwok.terminate()
+            terminate(kwok)
         cp.stop()
     print(f"machine: {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}; "
           f"date {time.strftime('%Y-%m-%d')}; logs in {workdir}")

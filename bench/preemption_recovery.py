@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Preemption recovery on the real local node (hack/localstack.py): how long from a spot
+"""Preemption recovery on the real local node (kubetune_dev.stack): how long from a spot
 reclaim to the new trainer pod Running and to its first training step, how much of that is
 the operator, and how much training work each preemption loses.
 
@@ -21,16 +21,13 @@ import platform
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "hack"), str(REPO)]
+import kubernetes
+import yaml
 
-import kubernetes  # noqa: E402
-import yaml  # noqa: E402
-
-import localcluster  # noqa: E402
-from localstack import LocalStack, default_state_dir  # noqa: E402
+from kubetune_dev.controlplane import create_namespace
+from kubetune_dev.stack import LocalStack, default_state_dir
+from kubetune_dev.versions import REPO
 
 NS = f"recovery-{os.getpid()}"  # a fresh namespace: the stack's state dir persists across runs
 
@@ -118,7 +115,7 @@ def main() -> int:
     try:
         stack.seed_demo_data(hidden=256, layers=4)
         core = kubernetes.client.CoreV1Api(stack.api())
-        localcluster.create_namespace(core, NS)
+        create_namespace(core, NS)
         stack.s3_secret(NS)
         results = [run_case(stack, "rec-evict", "eviction"), run_case(stack, "rec-node", "node replaced")]
         core.delete_namespace(NS)

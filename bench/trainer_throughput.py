@@ -28,9 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "trainer"))
+from kubetune_dev.s3server import MinioServer
+from kubetune_dev.tiny_model import build_tiny_model, text_records, write_jsonl
+from kubetune_dev.trainer_inputs import trainer_config, trainer_env
+from kubetune_dev.versions import REPO
 
 PY = sys.executable
 
@@ -131,7 +132,6 @@ print("BENCH_RESULT " + json.dumps({"rc": rc, "peak_bytes": peak, "tokens": k1 -
 
 
 def run_ours(args, model_dir: Path, data: Path, minio, bucket: str, work: Path, env_base: dict) -> dict:
-    from tests.fixtures.tiny_model import trainer_config, trainer_env
 
     cfg = trainer_config(
         bucket=bucket, endpoint=minio.endpoint, model_dir=model_dir, data_uri=str(data), name=f"bench-{time.time_ns()}",
@@ -162,7 +162,7 @@ def run_baseline(args, model_dir: Path, seq_file: Path, pad_id: int, work: Path,
             "out": str(work / "hf-out"), "warmup": args.warmup}
     p = work / "baseline.json"
     p.write_text(json.dumps(spec))
-    env = dict(os.environ, **env_base, PYTHONPATH=str(REPO / "trainer"))
+    env = dict(os.environ, **env_base, PYTHONPATH=os.pathsep.join([str(REPO / "contract"), str(REPO / "trainer")]))
     r = subprocess.run([PY, __file__, "--baseline-child", str(p)], env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"baseline failed ({r.returncode}):\n{(r.stdout + r.stderr)[-4000:]}")
@@ -191,8 +191,6 @@ def main() -> None:
     if args.baseline_child:
         return baseline_child(args.baseline_child)
 
-    from tests.fixtures.minio import MinioServer
-    from tests.fixtures.tiny_model import build_tiny_model, text_records, write_jsonl
 
     from kubetune_contract.config import DatasetSpec
     from kubetune_trainer.data import build_sequences, encode_files

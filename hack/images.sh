@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds kubetune's container images without Docker or a registry, and loads them into a local
-# node's containerd (hack/localnode.py). Pinned versions come from hack/versions.env.
+# node's containerd (kubetune_dev.node). Pinned versions come from hack/versions.env.
 #
 #   hack/images.sh [options] TARGET...
 #     base                     Debian ($DEBIAN_SUITE, debootstrap minbase) + python3 + a venv at
@@ -13,7 +13,7 @@
 #     build NAME DOCKERFILE [CONTEXT]   the same for any Dockerfile (context: the repo root)
 #     load IMAGE|ARCHIVE...    export a buildah image (or take an archive) and import it
 #   options:
-#     --state-dir DIR          load into the node of this localnode state dir (<DIR>/node/node.json)
+#     --state-dir DIR          load into the local node of this state dir (<DIR>/node/node.json)
 #     --address SOCK           load into the containerd listening on SOCK ($CONTAINERD_ADDRESS)
 #     --no-load                build (and keep in buildah's storage) only
 #     --version V              tag for operator/trainer (default: pyproject.toml's version)
@@ -190,7 +190,7 @@ containerd_address() {
     python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["containerd_address"])' "$STATE_DIR/node/node.json"
     return
   fi
-  die "where to load? pass --state-dir DIR (a localnode state dir) or --address SOCK (or --no-load)"
+  die "where to load? pass --state-dir DIR (a local node's state dir) or --address SOCK (or --no-load)"
 }
 
 snapshotter() {
@@ -220,7 +220,7 @@ load_archive() {  # archive
   local addr t0; t0=$(now)
   if [ -n "$STATE_DIR" ] && [ -z "$ADDRESS" ]; then
     # through the node: it remembers what it imported (skips the same archive next time)
-    python3 "$here/localnode.py" import --state-dir "$STATE_DIR" "$1"
+    PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" python3 -m kubetune_dev.imagestore import --state-dir "$STATE_DIR" "$1"
     return
   fi
   addr=$(containerd_address)
@@ -249,7 +249,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ ${#args[@]} -gt 0 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2; }
-[ -n "$VERSION" ] || VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$repo/pyproject.toml" | head -1)
+[ -n "$VERSION" ] || VERSION=$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' "$repo/pyproject.toml" | head -1)
 ensure_tools
 BUILT=()
 set -- "${args[@]}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The end-to-end tests against a kind cluster, on a machine with a Docker engine (this project's
-# build machines have none: there the tests boot their own node with hack/localstack.py).
+# build machines have none: there the tests boot their own node with kubetune_dev.stack).
 #
 #   hack/kind-e2e.sh            # create a kind cluster, build + load images, run tests/e2e
 #   KEEP=1 hack/kind-e2e.sh     # leave the cluster up afterwards

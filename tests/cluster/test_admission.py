@@ -6,7 +6,10 @@ import json
 import pytest
 from kubernetes.client.rest import ApiException
 
-from .jobs import GROUP, PLURAL, VERSION, Jobs, job_manifest
+from kubetune_dev.jobs import job_manifest
+from kubetune_operator.api import GROUP, PLURAL, VERSION
+
+from .jobs import Jobs
 
 pytestmark = pytest.mark.cluster
 
@@ -70,14 +73,11 @@ def test_valid_spec_is_defaulted_by_the_api_server(kube_api, crd, namespace):
 
 def test_printer_columns(cluster, crd, namespace, kube_api):
     import subprocess
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "hack"))
-    import localcluster
+    from kubetune_dev.versions import binary
 
     Jobs(kube_api, namespace).create(job_manifest(name="printed"))
-    out = subprocess.run([str(localcluster.binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig), "-n", namespace,
+    out = subprocess.run([str(binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig), "-n", namespace,
                           "get", "ftj"], capture_output=True, text=True, check=True).stdout
     header = out.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "MODEL", "METHOD", "PROGRESS", "PREEMPTIONS", "COST", "AGE"]

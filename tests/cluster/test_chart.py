@@ -10,12 +10,13 @@ import kubernetes
 import pytest
 import yaml
 
-import localcluster
 from kubetune_operator import crdgen
 from kubetune_contract.progress import ProgressRecord
+from kubetune_dev.jobs import job_manifest
+from kubetune_dev.versions import binary
 from tests.fixtures.control_plane import run_operator, wait_for
 
-from .jobs import Jobs, job_manifest
+from .jobs import Jobs
 from .test_operator import evict, finish_pod, phase, pod_names, running_pod, s3_port, spec  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.cluster
@@ -23,7 +24,7 @@ CHART = crdgen.REPO / "charts" / "kubetune"
 
 
 def helm(*args: str, kubeconfig: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(localcluster.binary("helm")), *args]
+    cmd = [str(binary("helm")), *args]
     if kubeconfig:
         cmd += ["--kubeconfig", str(kubeconfig)]
     return subprocess.run(cmd, capture_output=True, text=True, check=check)

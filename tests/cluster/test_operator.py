@@ -14,9 +14,10 @@ from kubernetes.client.rest import ApiException
 
 from kubetune_contract.config import TrainerConfig
 from kubetune_contract.progress import ExitCode, ProgressRecord
+from kubetune_dev.jobs import job_manifest
 from tests.fixtures.control_plane import run_operator, wait_for
 
-from .jobs import Jobs, job_manifest
+from .jobs import Jobs
 
 pytestmark = pytest.mark.cluster
 

@@ -5,9 +5,10 @@ import time
 
 import pytest
 
+from kubetune_dev.jobs import job_manifest
 from tests.fixtures.control_plane import run_operator, wait_for
 
-from .jobs import Jobs, job_manifest
+from .jobs import Jobs
 from .test_operator import evict, phase, pod_names, running_pod, s3_port, spec  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.cluster

@@ -2,7 +2,7 @@
 checkpoints to MinIO, is preempted (Eviction API; a Node replaced), resumes, and finishes. The
 operator runs in-cluster from the Helm chart, under its own ServiceAccount.
 
-They boot their own stack (hack/localstack.py). hack/kind-e2e.sh runs the same module against
+They boot their own stack (kubetune_dev.stack). hack/kind-e2e.sh runs the same module against
 a kind cluster by setting KUBETUNE_E2E_KUBECONFIG.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ import pytest
 import yaml
 from kubernetes.client.rest import ApiException
 
+from kubetune_dev.controlplane import create_namespace
+from kubetune_dev.stack import LocalStack, default_state_dir
 from tests.fixtures.control_plane import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -27,11 +29,6 @@ GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 
 @pytest.fixture(scope="session")
 def stack():
-    import sys
-
-    sys.path.insert(0, str(REPO / "hack"))
-    from localstack import LocalStack, default_state_dir
-
     given = os.environ.get("KUBETUNE_E2E_KUBECONFIG")
     s = LocalStack(default_state_dir(), Path(given) if given else None, progress_poll_seconds=1.0)
     try:
@@ -44,11 +41,9 @@ def stack():
 
 @pytest.fixture
 def ns(stack):
-    import localcluster
-
     core = kubernetes.client.CoreV1Api(stack.api())
     name = f"e2e-{uuid.uuid4().hex[:6]}"
-    localcluster.create_namespace(core, name)
+    create_namespace(core, name)
     stack.s3_secret(name)
     yield name
     core.delete_namespace(name)

@@ -17,7 +17,8 @@ from kubetune_trainer.checkpoint import MANIFEST, CheckpointInfo, CheckpointStor
 from kubetune_contract.config import S3Spec
 from kubetune_contract.progress import ExitCode
 from kubetune_trainer.errors import CorruptCheckpoint, RetriableError, UserError
-from tests.fixtures.minio import MinioServer, free_port
+from kubetune_dev.procs import free_port
+from kubetune_dev.s3server import MinioServer
 
 MB = 1024 * 1024
 

@@ -6,9 +6,10 @@ import signal
 import pytest
 
 from kubetune_contract.progress import ExitCode
-from tests.fixtures.minio import free_port
-from tests.fixtures.tiny_model import (events, instruction_records, start_trainer, trainer_config, trainer_env,
-                                       wait_for_event, write_jsonl)
+from kubetune_dev.procs import free_port
+from kubetune_dev.tiny_model import instruction_records, write_jsonl
+from kubetune_dev.trainer_inputs import trainer_config, trainer_env
+from tests.fixtures.tiny_model import events, start_trainer, wait_for_event
 
 pytestmark = pytest.mark.s3
 

@@ -5,7 +5,7 @@ import torch
 from kubetune_trainer import model as M
 from kubetune_contract.config import TrainerConfig
 from kubetune_trainer.errors import UserError
-from tests.fixtures.tiny_model import trainer_config
+from kubetune_dev.trainer_inputs import trainer_config
 
 
 def _cfg(tiny_model_dir, **kw):

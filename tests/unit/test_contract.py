@@ -10,7 +10,7 @@ from kubetune_contract import envvars, layout, uris
 from kubetune_contract.config import TrainerConfig
 from kubetune_operator import render
 from kubetune_operator.settings import Settings
-from tests.cluster.jobs import job_manifest
+from kubetune_dev.jobs import job_manifest
 
 from kubetune_operator import api
 

@@ -6,7 +6,7 @@ import pytest
 from kubetune_contract.config import DatasetSpec
 from kubetune_contract.uris import local_path_for_uri, pvc_claim
 from kubetune_trainer.data import IGNORE, Batches, Encoder, Example, RecordError, build_sequences, collate, pack
-from tests.fixtures.tiny_model import chat_records
+from kubetune_dev.tiny_model import chat_records
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 from kubetune_contract.config import DatasetSpec
 from kubetune_trainer.data import Example, check_bad_fraction, encode_files, local_data_files, split_validation
 from kubetune_trainer.errors import UserError
-from tests.fixtures.tiny_model import instruction_records, text_records, write_jsonl
+from kubetune_dev.tiny_model import instruction_records, text_records, write_jsonl
 
 
 @pytest.fixture(scope="module")

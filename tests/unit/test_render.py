@@ -5,7 +5,7 @@ from kubetune_operator import api, render
 from kubetune_operator.settings import Settings
 from kubetune_contract.config import TrainerConfig
 
-from tests.cluster.jobs import job_manifest
+from kubetune_dev.jobs import job_manifest
 
 
 def job(**overrides):

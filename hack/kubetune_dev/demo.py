@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """`make demo`: a real LoRA fine-tune on a local Kubernetes cluster, surviving a spot preemption.
 
 1. boots the local cluster (control plane + a real kubelet/containerd node), or uses
@@ -10,6 +9,9 @@
 5. prints where the adapter is and how to look at the job with kubectl.
 
 The cluster stays up afterwards (`--down` tears it down) so you can poke at it.
+
+    python -m kubetune_dev.demo [--preempt-at PCT] [--state-dir DIR]
+    python -m kubetune_dev.demo --down
 """
 from __future__ import annotations
 
@@ -19,11 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import localstack  # noqa: E402
-from localstack import REPO, LocalStack  # noqa: E402
+from kubetune_dev.jobs import example
+from kubetune_dev.stack import LocalStack, default_state_dir
+from kubetune_dev.versions import binary
 
 NAMESPACE = "default"
 JOB = "tiny-lora"
@@ -52,8 +52,8 @@ def status_line(st: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--state-dir", type=Path, default=localstack.default_state_dir())
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--state-dir", type=Path, default=default_state_dir())
     ap.add_argument("--preempt-at", type=int, default=40, help="evict the trainer at this progress %% (0: never)")
     ap.add_argument("--down", action="store_true", help="only stop the cluster an earlier demo left running")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -73,7 +73,7 @@ def main() -> int:
         uris = stack.seed_demo_data(hidden=256, layers=4)  # big enough to watch it train for a minute
         print(f"== tiny model at {uris['model']}, data at {uris['dataset']}", flush=True)
         stack.s3_secret(NAMESPACE)
-        job = yaml.safe_load((REPO / "manifests" / "examples" / "cpu-lora-tiny.yaml").read_text())
+        job = example("cpu-lora-tiny.yaml")
         job["spec"]["s3"]["endpoint"] = stack.minio.endpoint  # no cluster DNS here: the host's IP
         api = stack.api()
         custom = kubernetes.client.CustomObjectsApi(api)
@@ -94,7 +94,8 @@ def main() -> int:
         deadline = time.monotonic() + args.timeout
         st: dict = {}
         while time.monotonic() < deadline:
-            st = custom.get_namespaced_custom_object("kubetune.io", "v1alpha1", NAMESPACE, "finetunejobs", JOB).get("status") or {}
+            got = custom.get_namespaced_custom_object("kubetune.io", "v1alpha1", NAMESPACE, "finetunejobs", JOB)
+            st = got.get("status") or {}
             line = status_line(st)
             if line != last:
                 print(("\r" + line + "   ") if tty else line, end="" if tty else "\n", flush=True)
@@ -104,7 +105,8 @@ def main() -> int:
             pct = (st.get("progress") or {}).get("progressPercentage") or 0
             if not preempted and st.get("phase") == "Running" and pct >= args.preempt_at and st.get("lastCheckpoint"):
                 pod = st["workers"][0]["name"]
-                print(f"\n== injecting a spot preemption: evicting {pod} (the trainer checkpoints on SIGTERM)", flush=True)
+                print(f"\n== injecting a spot preemption: evicting {pod} (the trainer checkpoints on SIGTERM)",
+                      flush=True)
                 core.create_namespaced_pod_eviction(pod, NAMESPACE, {"metadata": {"name": pod, "namespace": NAMESPACE}})
                 preempted = True
             time.sleep(1)
@@ -114,24 +116,25 @@ def main() -> int:
             print(stack.kubectl("describe", "ftj", JOB, check=False).stdout)
             return 1
         out = st.get("outputUri", "")
-        objects = [o.key for o in localstack_objects(stack, out)]
+        objects = [o.key for o in output_objects(stack, out)]
         print(f"== Succeeded after {st.get('preemptions', 0)} preemption(s); resumed from step "
-              f"{(st.get('progress') or {}).get('resumedFromStep')}; cost estimate ${(st.get('cost') or {}).get('estimatedUsd')}")
+              f"{(st.get('progress') or {}).get('resumedFromStep')}; "
+              f"cost estimate ${(st.get('cost') or {}).get('estimatedUsd')}")
         print(f"== adapter and model card at {out}:")
         for key in objects:
             print(f"     {key}")
         kc = stack.kubeconfig
         print("== look around:")
         print(f"     export KUBECONFIG={kc}")
-        print(f"     {localstack.localcluster.binary('kubectl')} get ftj {JOB}")
-        print(f"     {localstack.localcluster.binary('kubectl')} describe ftj {JOB}")
-        print(f"     {localstack.localcluster.binary('kubectl')} get events --field-selector involvedObject.name={JOB}")
+        print(f"     {binary('kubectl')} get ftj {JOB}")
+        print(f"     {binary('kubectl')} describe ftj {JOB}")
+        print(f"     {binary('kubectl')} get events --field-selector involvedObject.name={JOB}")
         return 0
     finally:
         print(f"== the cluster keeps running (state in {args.state_dir}); `make demo-down` stops it", flush=True)
 
 
-def localstack_objects(stack: LocalStack, uri: str):
+def output_objects(stack: LocalStack, uri: str) -> list:
     from kubetune_trainer import s3 as s3lib
 
     return s3lib.list_objects(stack.minio.client(), uri) if uri else []

@@ -1,8 +1,10 @@
-#!/usr/bin/env python3
 """Everything `make demo` and the end-to-end tests run on: a real single-node cluster (the
-control plane from localcluster.py, a real kubelet + containerd node from localnode.py), the
-operator and trainer images built with buildah and loaded into the node, MinIO on the host's
-IP (reachable from pods), and the Helm chart installed with the real `helm`.
+control plane from `kubetune_dev.controlplane`, a real kubelet + containerd node from
+`kubetune_dev.node`), the operator and trainer images built with buildah (hack/images.sh) and
+loaded into the node, MinIO on the host's IP (reachable from pods), and the Helm chart
+installed with the real `helm`.
+
+    python -m kubetune_dev.stack [--state-dir DIR]    # bring it up; Ctrl-C tears it down
 
 With a kubeconfig (`LocalStack(kubeconfig=...)`, e.g. kind) it uses that cluster instead of
 booting one: images must already be loaded there (hack/kind-e2e.sh does `kind load`), and
@@ -20,30 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HACK = Path(__file__).resolve().parent
-REPO = HACK.parent
-for p in (HACK, REPO / "operator", REPO / "trainer", REPO):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-import localcluster  # noqa: E402
-from localnode import LocalNode  # noqa: E402
+from kubetune_dev import controlplane
+from kubetune_dev.host import host_ip
+from kubetune_dev.node import LocalNode
+from kubetune_dev.s3server import MinioServer
+from kubetune_dev.tiny_model import build_tiny_model, instruction_records, write_jsonl
+from kubetune_dev.versions import HACK, REPO, binary, cache_dir, project_version
 
 RELEASE = "kubetune"
 SYSTEM_NAMESPACE = "kubetune-system"
-
-
-def project_version() -> str:
-    import tomllib
-
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 def default_state_dir() -> Path:
     """One state dir for the demo, the e2e tests and the benchmarks: the node's containerd keeps
     the 6 GB trainer image unpacked there, so every run after the first reuses it (and a new
     run stops whatever an earlier one left running, since only one node fits on a host)."""
-    return localcluster.cache_dir() / "localstack"
+    return cache_dir() / "localstack"
 
 
 def log(msg: str) -> None:
@@ -56,9 +50,9 @@ class LocalStack:
     kubeconfig: Path | None = None  # an existing cluster; None boots the local one
     node_labels: dict[str, str] = field(default_factory=lambda: {"karpenter.sh/capacity-type": "spot"})
     progress_poll_seconds: float = 2.0
-    cp: Any = None
+    cp: controlplane.ControlPlane | None = None
     node: LocalNode | None = None
-    minio: Any = None
+    minio: Any = None  # a MinioServer once up
     timings: dict[str, float] = field(default_factory=dict)
     _generation: int = 0
 
@@ -71,7 +65,7 @@ class LocalStack:
             # A fresh cluster every time (stale Nodes and jobs of an earlier run would confuse
             # this one); the caches that matter (pki, the node's image store) are kept.
             shutil.rmtree(self.state_dir / "control-plane" / "etcd", ignore_errors=True)
-            self.cp = localcluster.ControlPlane(self.state_dir / "control-plane").start()
+            self.cp = controlplane.ControlPlane(self.state_dir / "control-plane").start()
             self.kubeconfig = self.cp.kubeconfig
             self.timings["control_plane_s"] = time.monotonic() - t0
             t1 = time.monotonic()
@@ -115,16 +109,14 @@ class LocalStack:
                        check=True)
 
     def start_minio(self) -> None:
-        from tests.fixtures.minio import MinioServer
-
-        host = localcluster.host_ip()  # not 127.0.0.1: pods reach the host through the bridge
+        host = host_ip()  # not 127.0.0.1: pods reach the host through the bridge
         self.minio = MinioServer(host=host, data_dir=self.state_dir / "minio", log_path=self.state_dir / "minio.log")
         self.minio.start()
         (self.state_dir / "minio.pid").write_text(str(self.minio.proc.pid))
         log(f"MinIO at {self.minio.endpoint}")
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        out = subprocess.run([str(localcluster.binary("helm")), "--kubeconfig", str(self.kubeconfig), *args],
+        out = subprocess.run([str(binary("helm")), "--kubeconfig", str(self.kubeconfig), *args],
                              capture_output=True, text=True)
         if check and out.returncode:
             raise RuntimeError(f"helm {args[0]} failed ({out.returncode}):\n{out.stderr}{out.stdout[-2000:]}")
@@ -133,7 +125,8 @@ class LocalStack:
     def install_chart(self) -> None:
         version = project_version()
         out = self.helm(
-            "upgrade", "--install", RELEASE, str(REPO / "charts" / "kubetune"), "-n", SYSTEM_NAMESPACE, "--create-namespace",
+            "upgrade", "--install", RELEASE, str(REPO / "charts" / "kubetune"),
+            "-n", SYSTEM_NAMESPACE, "--create-namespace",
             "--set", f"operator.image.tag={version}", "--set", "operator.image.pullPolicy=Never",
             "--set", f"trainer.image=localhost/kubetune-trainer:{version}", "--set", "trainer.pullPolicy=Never",
             "--set-json", f"progressPollSeconds={self.progress_poll_seconds}",
@@ -148,7 +141,7 @@ class LocalStack:
         return kubernetes.config.new_client_from_config(str(self.kubeconfig))
 
     def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(localcluster.binary("kubectl")), "--kubeconfig", str(self.kubeconfig), *args],
+        return subprocess.run([str(binary("kubectl")), "--kubeconfig", str(self.kubeconfig), *args],
                               capture_output=True, text=True, check=check)
 
     def s3_secret(self, namespace: str, name: str = "kubetune-demo-s3") -> None:
@@ -171,7 +164,6 @@ class LocalStack:
         import tempfile
 
         from kubetune_trainer import s3 as s3lib
-        from tests.fixtures.tiny_model import build_tiny_model, instruction_records, write_jsonl
 
         client = self.minio.client()
         try:
@@ -186,7 +178,8 @@ class LocalStack:
         return {"model": f"s3://{bucket}/models/tiny-llama", "dataset": f"s3://{bucket}/datasets/instructions.jsonl"}
 
     def operator_logs(self) -> str:
-        return self.kubectl("-n", SYSTEM_NAMESPACE, "logs", f"deploy/{RELEASE}-operator", "--tail=400", check=False).stdout
+        return self.kubectl("-n", SYSTEM_NAMESPACE, "logs", f"deploy/{RELEASE}-operator", "--tail=400",
+                            check=False).stdout
 
     # ---- tear-down --------------------------------------------------------------------------
     def stop_leftovers(self) -> None:
@@ -205,7 +198,7 @@ class LocalStack:
             if (self.state_dir / "node" / "node.json").exists():
                 LocalNode(self.state_dir, self.state_dir / "control-plane" / "pki" / "ca.crt",
                           self.state_dir / "control-plane" / "pki" / "ca.key", "https://127.0.0.1:1").stop()
-            localcluster.stop_from_pidfiles(self.state_dir / "control-plane")
+            controlplane.stop_from_pidfiles(self.state_dir / "control-plane")
 
     def down(self) -> None:
         if self.minio is not None:
