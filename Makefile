@@ -5,7 +5,7 @@ export KUBETUNE_CACHE
 PY := $(KUBETUNE_CACHE)/venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-down test setup unit generate check-generated bench
+.PHONY: demo demo-down test setup lint unit generate check-generated bench
 
 setup:
 	@hack/setup.sh
@@ -17,9 +17,15 @@ demo: setup
 demo-down:
 	$(PY) -m kubetune_dev.demo --down
 
-## Every test: unit, trainer (real MinIO), cluster (real control plane) and e2e (real node).
-test: setup
+## Every test: lint and types first, then unit, trainer (real S3 server), cluster (real control plane)
+## and e2e (real node).
+test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider -o junit_family=xunit2 $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 unit: setup
 	$(PY) -m pytest -q tests/unit

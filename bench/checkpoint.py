@@ -10,6 +10,7 @@ For a LoRA-sized (~50 MB) and a larger (~500 MB) checkpoint, measures:
 
     python bench/checkpoint.py [--repeats 3] [--sizes 50,500] [--chunk-mb 16] [--concurrency 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -108,15 +109,23 @@ def main() -> None:
         cfg = s3.transfer_config(max_concurrency=args.concurrency, chunk_bytes=args.chunk_mb * MB)
         sizes = [int(s) for s in args.sizes.split(",")]
         blob = os.urandom(max(sizes) * MB)  # incompressible
-        print(f"# {platform.node()} {os.cpu_count()} cpus, python {platform.python_version()}, "
-              f"chunk {args.chunk_mb} MiB x {args.concurrency} concurrent, median of {args.repeats}")
-        print(f"| checkpoint | local save (blocks) | save_async blocks | upload to durable | upload MB/s "
-              f"| SIGTERM→durable | restore+verify | restore MB/s |")
+        print(
+            f"# {platform.node()} {os.cpu_count()} cpus, python {platform.python_version()}, "
+            f"chunk {args.chunk_mb} MiB x {args.concurrency} concurrent, median of {args.repeats}"
+        )
+        print(
+            "| checkpoint | local save (blocks) | save_async blocks | upload to durable | upload MB/s "
+            "| SIGTERM→durable | restore+verify | restore MB/s |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for size in sizes:
             store = CheckpointStore(
-                f"s3://{args.bucket}/bench/{size}mb-{int(time.time())}", None, keep_last=2,
-                client=client, registry=CollectorRegistry(), transfer=cfg,
+                f"s3://{args.bucket}/bench/{size}mb-{int(time.time())}",
+                None,
+                keep_last=2,
+                client=client,
+                registry=CollectorRegistry(),
+                transfer=cfg,
             )
             r = run(store, work / f"{size}", size, args.repeats, blob)
             med = {k: statistics.median(v) for k, v in r.items()}

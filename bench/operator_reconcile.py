@@ -8,6 +8,7 @@ the operator follows them to Running (the steady state of a real cluster).
 
     python bench/operator_reconcile.py --jobs 200 [--jobs 50 ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ def run(n: int, cp: ControlPlane, api: kubernetes.client.ApiClient, workdir: Pat
     custom = kubernetes.client.CustomObjectsApi(api)
     ns = f"bench-{uuid.uuid4().hex[:6]}"
     create_namespace(core, ns)
-    core.create_namespaced_secret(ns, {"metadata": {"name": "s3-creds"},
-                                       "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}})
+    core.create_namespaced_secret(
+        ns, {"metadata": {"name": "s3-creds"}, "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}}
+    )
 
     created_at: dict[str, float] = {}
     pod_at: dict[str, float] = {}
@@ -70,16 +72,26 @@ def run(n: int, cp: ControlPlane, api: kubernetes.client.ApiClient, workdir: Pat
     audit_offset = audit.stat().st_size if audit.exists() else 0
     kubeconfig = cp.client_kubeconfig(OPERATOR_USER)
     log = open(workdir / f"operator-{n}.log", "wb")
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_METRICS_PORT": "0", "KUBETUNE_HEALTH_PORT": "0",
-           "KUBETUNE_PREFLIGHT_S3_ENDPOINT": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "contract"), str(REPO / "operator"), str(REPO / "trainer")])}
-    op = subprocess.Popen([sys.executable, "-m", "kubetune_operator", "--log-format", "plain"], env=env, stdout=log,
-                          stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "KUBETUNE_METRICS_PORT": "0",
+        "KUBETUNE_HEALTH_PORT": "0",
+        "KUBETUNE_PREFLIGHT_S3_ENDPOINT": "false",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "contract"), str(REPO / "operator"), str(REPO / "trainer")]),
+    }
+    op = subprocess.Popen(
+        [sys.executable, "-m", "kubetune_operator", "--log-format", "plain"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     proc = psutil.Process(op.pid)
     peak_rss = 0
 
     time.sleep(3)  # operator up and watching
     jobs = [job_manifest(name=f"j{i:04d}") for i in range(n)]
+
     # Creating N objects "at once": a few client threads, as kubectl apply of a big file would.
     def create(batch: list[dict]) -> None:
         client = kubernetes.config.new_client_from_config(str(cp.kubeconfig))
@@ -164,12 +176,19 @@ def main() -> int:
         if kwok:
             terminate(kwok)
         cp.stop()
-    print(f"machine: {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}; "
-          f"date {time.strftime('%Y-%m-%d')}; logs in {workdir}")
-    print(f"{'jobs':>5} {'pods':>5} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'req/job':>8} {'RSS MB':>7} {'CPU ms/job':>10}")
+    print(
+        f"machine: {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}; "
+        f"date {time.strftime('%Y-%m-%d')}; logs in {workdir}"
+    )
+    print(
+        f"{'jobs':>5} {'pods':>5} {'p50 s':>7} {'p99 s':>7} {'max s':>7} "
+        f"{'req/job':>8} {'RSS MB':>7} {'CPU ms/job':>10}"
+    )
     for r in results:
-        print(f"{r['jobs']:>5} {r['pods_created']:>5} {r['p50_s']:>7} {r['p99_s']:>7} {r['max_s']:>7} "
-              f"{r['api_requests_per_job']:>8} {r['operator_peak_rss_mb']:>7} {r['operator_cpu_ms_per_job']:>10}")
+        print(
+            f"{r['jobs']:>5} {r['pods_created']:>5} {r['p50_s']:>7} {r['p99_s']:>7} {r['max_s']:>7} "
+            f"{r['api_requests_per_job']:>8} {r['operator_peak_rss_mb']:>7} {r['operator_cpu_ms_per_job']:>10}"
+        )
         print("       requests:", r["requests_by_kind"])
     return 0
 

@@ -13,6 +13,7 @@ Also reports the stack's bring-up time (warm: binaries, venv and images cached).
 
     python bench/preemption_recovery.py
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,9 @@ def run_case(stack: LocalStack, name: str, how: str) -> dict:
     custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", NS, "finetunejobs", job)
 
     def status() -> dict:
-        return custom.get_namespaced_custom_object("kubetune.io", "v1alpha1", NS, "finetunejobs", name).get("status") or {}
+        return (
+            custom.get_namespaced_custom_object("kubetune.io", "v1alpha1", NS, "finetunejobs", name).get("status") or {}
+        )
 
     pod0 = f"{name}-a0-w0"
     ip0 = None

@@ -16,6 +16,7 @@ checkpoint interval is left off so the loop itself is measured); the baseline sa
 
 Prints a JSON line per run and a markdown table row at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ PY = sys.executable
 # ------------------------------------------------------------------------------------------
 # the baseline, run in a child process: python bench/trainer_throughput.py --baseline-child ARGS.json
 
+
 def baseline_child(spec_path: str) -> None:
     import resource
 
@@ -53,11 +55,21 @@ def baseline_child(spec_path: str) -> None:
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype if spec["method"] == "lora" else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model_dir"], dtype=dtype if spec["method"] == "lora" else torch.float32
+    )
     model.config.use_cache = False
     if spec["method"] == "lora":
-        model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=2 * spec["r"], lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=spec["r"],
+                lora_alpha=2 * spec["r"],
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     counted = {"tokens": 0}
 
     class DS(torch.utils.data.Dataset):
@@ -72,12 +84,24 @@ def baseline_child(spec_path: str) -> None:
         return collate(batch, spec["pad_id"])
 
     args = TrainingArguments(
-        output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
-        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, logging_steps=10**6,
-        save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=spec["out"],
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
         gradient_checkpointing=spec["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=spec["precision"] == "bf16" and cuda,
-        use_cpu=not cuda, remove_unused_columns=False, seed=0, max_grad_norm=1.0,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=spec["precision"] == "bf16" and cuda,
+        use_cpu=not cuda,
+        remove_unused_columns=False,
+        seed=0,
+        max_grad_norm=1.0,
     )
     from transformers import TrainerCallback
 
@@ -95,10 +119,19 @@ def baseline_child(spec_path: str) -> None:
     tr = Trainer(model=model, args=args, train_dataset=DS(), data_collator=collator, callbacks=[Mark()])
     out = tr.train()
     (t0, c0, k0), (t1, c1, k1) = marks[spec["warmup"]], marks[spec["steps"]]
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print("BENCH_RESULT " + json.dumps({"tokens": k1 - k0, "seconds": t1 - t0, "cpu_seconds": c1 - c0,
-                                        "peak_bytes": peak, "loss": out.training_loss}))
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        "BENCH_RESULT "
+        + json.dumps(
+            {
+                "tokens": k1 - k0,
+                "seconds": t1 - t0,
+                "cpu_seconds": c1 - c0,
+                "peak_bytes": peak,
+                "loss": out.training_loss,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,7 +157,11 @@ rc = main([])
 if rc != 0:
     print("BENCH_RESULT " + json.dumps({"rc": rc}))
     sys.exit(0)
-peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = (
+    torch.cuda.max_memory_allocated()
+    if torch.cuda.is_available()
+    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+)
 (w0, c0, k0, _), (w1, c1, k1, loss) = marks[WARMUP], marks[STEPS]
 print("BENCH_RESULT " + json.dumps({"rc": rc, "peak_bytes": peak, "tokens": k1 - k0, "seconds": w1 - w0,
                                     "cpu_seconds": c1 - c0, "loss": loss}))
@@ -134,13 +171,26 @@ print("BENCH_RESULT " + json.dumps({"rc": rc, "peak_bytes": peak, "tokens": k1 -
 def run_ours(args, model_dir: Path, data: Path, minio, bucket: str, work: Path, env_base: dict) -> dict:
 
     cfg = trainer_config(
-        bucket=bucket, endpoint=minio.endpoint, model_dir=model_dir, data_uri=str(data), name=f"bench-{time.time_ns()}",
-        method=args.method, lora={"r": args.r, "alpha": 2 * args.r, "dropout": 0.0},
-        training={"maxSteps": args.steps, "batchSize": args.batch_size, "maxSeqLength": args.seq_len,
-                  "learningRate": args.lr, "lrScheduler": "constant", "loggingSteps": 10,
-                  "gradientCheckpointing": args.gradient_checkpointing, "precision": args.precision,
-                  "maxGradNorm": 1.0},
-        checkpoints={"everySteps": None, "everyMinutes": None}, dataset={"format": "text"},
+        bucket=bucket,
+        endpoint=minio.endpoint,
+        model_dir=model_dir,
+        data_uri=str(data),
+        name=f"bench-{time.time_ns()}",
+        method=args.method,
+        lora={"r": args.r, "alpha": 2 * args.r, "dropout": 0.0},
+        training={
+            "maxSteps": args.steps,
+            "batchSize": args.batch_size,
+            "maxSeqLength": args.seq_len,
+            "learningRate": args.lr,
+            "lrScheduler": "constant",
+            "loggingSteps": 10,
+            "gradientCheckpointing": args.gradient_checkpointing,
+            "precision": args.precision,
+            "maxGradNorm": 1.0,
+        },
+        checkpoints={"everySteps": None, "everyMinutes": None},
+        dataset={"format": "text"},
     )
     env = trainer_env(work / "ours", cfg, minio.env(), BENCH_WARMUP=args.warmup, BENCH_STEPS=args.steps, **env_base)
     log = work / "ours.log"
@@ -156,10 +206,20 @@ def run_ours(args, model_dir: Path, data: Path, minio, bucket: str, work: Path, 
 
 
 def run_baseline(args, model_dir: Path, seq_file: Path, pad_id: int, work: Path, env_base: dict) -> dict:
-    spec = {"model_dir": str(model_dir), "sequences": str(seq_file), "pad_id": pad_id, "method": args.method,
-            "r": args.r, "batch_size": args.batch_size, "steps": args.steps, "lr": args.lr,
-            "gradient_checkpointing": args.gradient_checkpointing, "precision": args.precision,
-            "out": str(work / "hf-out"), "warmup": args.warmup}
+    spec = {
+        "model_dir": str(model_dir),
+        "sequences": str(seq_file),
+        "pad_id": pad_id,
+        "method": args.method,
+        "r": args.r,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "lr": args.lr,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "precision": args.precision,
+        "out": str(work / "hf-out"),
+        "warmup": args.warmup,
+    }
     p = work / "baseline.json"
     p.write_text(json.dumps(spec))
     env = dict(os.environ, **env_base, PYTHONPATH=os.pathsep.join([str(REPO / "contract"), str(REPO / "trainer")]))
@@ -185,12 +245,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads of both runs (1: CPU time is a stable measure on a shared machine)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads of both runs (1: CPU time is a stable measure on a shared machine)",
+    )
     args = ap.parse_args()
     if args.baseline_child:
         return baseline_child(args.baseline_child)
-
 
     from kubetune_contract.config import DatasetSpec
     from kubetune_trainer.data import build_sequences, encode_files
@@ -211,8 +274,11 @@ def main() -> None:
     seqs = build_sequences(ex, args.seq_len, packing=True)
     seq_file = work / "sequences.json"
     seq_file.write_text(json.dumps([s.__dict__ for s in seqs]))
-    env_base = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-                "TOKENIZERS_PARALLELISM": "false"}
+    env_base = {
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
     import statistics
 
@@ -230,9 +296,14 @@ def main() -> None:
     def med(runs):
         tps = statistics.median(r["tokens"] / r["seconds"] for r in runs)
         tpc = statistics.median(r["tokens"] / r["cpu_seconds"] for r in runs)
-        return {"tps": tps, "tpc": tpc, "peak_bytes": max(r["peak_bytes"] for r in runs), "loss": runs[-1]["loss"],
-                "all_tps": [round(r["tokens"] / r["seconds"], 1) for r in runs],
-                "all_tpc": [round(r["tokens"] / r["cpu_seconds"], 1) for r in runs]}
+        return {
+            "tps": tps,
+            "tpc": tpc,
+            "peak_bytes": max(r["peak_bytes"] for r in runs),
+            "loss": runs[-1]["loss"],
+            "all_tps": [round(r["tokens"] / r["seconds"], 1) for r in runs],
+            "all_tpc": [round(r["tokens"] / r["cpu_seconds"], 1) for r in runs],
+        }
 
     ours, base = med(runs_ours), med(runs_base)
     n_params = None
@@ -242,16 +313,28 @@ def main() -> None:
     except Exception:
         pass
     row = {
-        "model": label, "shape": n_params, "method": args.method, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "steps": args.steps, "precision": args.precision,
-        "gradient_checkpointing": args.gradient_checkpointing, "threads": args.threads,
-        "ours_tokens_per_s": round(ours["tps"], 1), "baseline_tokens_per_s": round(base["tps"], 1),
-        "ours_tokens_per_cpu_s": round(ours["tpc"], 1), "baseline_tokens_per_cpu_s": round(base["tpc"], 1),
-        "ours_runs": ours["all_tps"], "baseline_runs": base["all_tps"],
-        "ours_runs_cpu": ours["all_tpc"], "baseline_runs_cpu": base["all_tpc"], "load_avg": os.getloadavg(),
+        "model": label,
+        "shape": n_params,
+        "method": args.method,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "precision": args.precision,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "threads": args.threads,
+        "ours_tokens_per_s": round(ours["tps"], 1),
+        "baseline_tokens_per_s": round(base["tps"], 1),
+        "ours_tokens_per_cpu_s": round(ours["tpc"], 1),
+        "baseline_tokens_per_cpu_s": round(base["tpc"], 1),
+        "ours_runs": ours["all_tps"],
+        "baseline_runs": base["all_tps"],
+        "ours_runs_cpu": ours["all_tpc"],
+        "baseline_runs_cpu": base["all_tpc"],
+        "load_avg": os.getloadavg(),
         "ours_peak_mib": round(ours["peak_bytes"] / 2**20, 1),
         "baseline_peak_mib": round(base["peak_bytes"] / 2**20, 1),
-        "machine": platform.node(), "python": platform.python_version(),
+        "machine": platform.node(),
+        "python": platform.python_version(),
     }
     row["throughput_ratio"] = round(row["ours_tokens_per_s"] / row["baseline_tokens_per_s"], 3)
     row["cpu_throughput_ratio"] = round(row["ours_tokens_per_cpu_s"] / row["baseline_tokens_per_cpu_s"], 3)
@@ -261,10 +344,12 @@ def main() -> None:
     if not os.environ.get("KUBETUNE_BENCH_KEEP"):
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(row))
-    print(f"| {label} | {args.method} | {args.seq_len} | {args.batch_size} | {row['ours_tokens_per_cpu_s']} | "
-          f"{row['baseline_tokens_per_cpu_s']} | {row['cpu_throughput_ratio']} | {row['ours_tokens_per_s']} | "
-          f"{row['baseline_tokens_per_s']} | {row['throughput_ratio']} | {row['ours_peak_mib']} | "
-          f"{row['baseline_peak_mib']} | {row['memory_ratio']} |")
+    print(
+        f"| {label} | {args.method} | {args.seq_len} | {args.batch_size} | {row['ours_tokens_per_cpu_s']} | "
+        f"{row['baseline_tokens_per_cpu_s']} | {row['cpu_throughput_ratio']} | {row['ours_tokens_per_s']} | "
+        f"{row['baseline_tokens_per_s']} | {row['throughput_ratio']} | {row['ours_peak_mib']} | "
+        f"{row['baseline_peak_mib']} | {row['memory_ratio']} |"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ spec (`ModelSpec`, `DatasetSpec`, `LoraSpec`, `TrainingSpec`, `CheckpointSpec`, 
 `S3Spec`) are these very models: the CRD schema is generated from them
 (`kubetune_operator.crdgen`), so the API a user writes and the file a trainer reads cannot drift.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,7 @@ from .uris import S3_URI_PATTERN, job_prefix
 
 
 class SpecModel(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -67,7 +66,9 @@ class DatasetSpec(SpecModel):
     validation_split: float = Field(
         0.0, ge=0.0, le=0.5, description="Fraction of records held out for evaluation (0 disables)."
     )
-    validation_uri: str | None = Field(None, max_length=1024, description="Separate evaluation data; overrides validationSplit.")
+    validation_uri: str | None = Field(
+        None, max_length=1024, description="Separate evaluation data; overrides validationSplit."
+    )
     max_bad_record_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Preflight fails when more than this fraction of records is malformed."
     )
@@ -115,7 +116,7 @@ class TrainingSpec(SpecModel):
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at the end).")
 
     @model_validator(mode="after")
-    def _needs_a_length(self) -> "TrainingSpec":
+    def _needs_a_length(self) -> TrainingSpec:
         if self.epochs is None and self.max_steps is None:
             raise ValueError("training: set maxSteps or epochs")
         return self
@@ -204,9 +205,9 @@ class TrainerConfig(SpecModel):
         return json.dumps(self.to_json_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def loads(cls, text: str) -> "TrainerConfig":
+    def loads(cls, text: str) -> TrainerConfig:
         return cls.model_validate_json(text)
 
     @classmethod
-    def load(cls, path: str | Path = CONFIG_PATH) -> "TrainerConfig":
+    def load(cls, path: str | Path = CONFIG_PATH) -> TrainerConfig:
         return cls.loads(Path(path).read_text())

@@ -4,6 +4,7 @@ torch.distributed's own names where they exist. The trainer reads these once, in
 point (`kubetune_trainer.options`); the operator's `render` sets only names defined here (a unit
 test checks that).
 """
+
 from __future__ import annotations
 
 # Set by the operator on every trainer container.
@@ -39,7 +40,21 @@ PROCS_PER_WORKER = "KUBETUNE_PROCS_PER_WORKER"  # local processes per pod (CPU t
 FORCE_CPU = "KUBETUNE_FORCE_CPU"  # "1": ignore CUDA even when present
 
 # What the operator may set on a trainer container (besides the user's spec.pod.env).
-OPERATOR_SET = frozenset({
-    CONFIG, RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, POD_NAME, NODE_NAME, ATTEMPT, METRICS_PORT,
-    WORK_DIR, HF_HOME, TMPDIR, S3_ACCESS_KEY, S3_SECRET_KEY,
-})
+OPERATOR_SET = frozenset(
+    {
+        CONFIG,
+        RANK,
+        WORLD_SIZE,
+        MASTER_ADDR,
+        MASTER_PORT,
+        POD_NAME,
+        NODE_NAME,
+        ATTEMPT,
+        METRICS_PORT,
+        WORK_DIR,
+        HF_HOME,
+        TMPDIR,
+        S3_ACCESS_KEY,
+        S3_SECRET_KEY,
+    }
+)

@@ -1,4 +1,5 @@
 """Paths, ports and limits the operator and the trainer must agree on."""
+
 from __future__ import annotations
 
 # The trainer config: a ConfigMap key, mounted as a file.

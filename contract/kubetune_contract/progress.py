@@ -1,5 +1,6 @@
 """What the trainer tells the operator: its exit code and its progress record (GET /progress on
 layout.METRICS_PORT while it runs, and the termination message at exit)."""
+
 from __future__ import annotations
 
 import enum

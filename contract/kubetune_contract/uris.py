@@ -1,5 +1,6 @@
 """URI rules shared by the schema, the operator and the trainer: s3://, pvc:// and file paths,
 and where each job's checkpoints and outputs live below the prefixes the user gives."""
+
 from __future__ import annotations
 
 import re
@@ -71,7 +72,7 @@ def parse_s3_uri(uri: str, *, field: str | None = None, error: type[S3UriError] 
         if "://" in uri:
             raise bad(f"scheme {uri.split('://', 1)[0]!r} is not s3")
         raise bad("it does not start with s3://")
-    rest = uri[len(S3_SCHEME):]
+    rest = uri[len(S3_SCHEME) :]
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise bad("the bucket name is empty")
@@ -100,7 +101,7 @@ def pvc_claim(uri: str) -> str | None:
     """The PersistentVolumeClaim named by a pvc://claim/path URI, else None."""
     if not uri.startswith(PVC_SCHEME):
         return None
-    claim = uri[len(PVC_SCHEME):].split("/", 1)[0]
+    claim = uri[len(PVC_SCHEME) :].split("/", 1)[0]
     return claim or None
 
 
@@ -114,13 +115,13 @@ def local_path_for_uri(uri: str, pvc_root: str = PVC_MOUNT_ROOT) -> str | None:
         claim = pvc_claim(uri)
         if claim is None:
             return None
-        rest = uri[len(PVC_SCHEME) + len(claim):].strip("/")
+        rest = uri[len(PVC_SCHEME) + len(claim) :].strip("/")
         parts = [p for p in rest.split("/") if p not in ("", ".")]
         if ".." in parts:
             return None  # never escape the claim's mount
         return "/".join([pvc_root.rstrip("/"), claim, *parts])
     if uri.startswith("file://"):
-        return uri[len("file://"):] or None
+        return uri[len("file://") :] or None
     if uri.startswith("/"):
         return uri
     return None

@@ -3,6 +3,7 @@
 Everything lives under the node's directory (root, state, socket, runc state), so it never
 collides with a system containerd. Images go in and out through `kubetune_dev.imagestore`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -133,8 +134,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         else kill tasks and delete containers with ctr (the network sweep then cleans up)."""
         crictl = shutil.which("crictl") or next(iter(sorted((cache_dir() / "bin").glob("crictl-*/crictl"))), None)
         if crictl:
-            subprocess.run([str(crictl), "--runtime-endpoint", f"unix://{self.address}", "--timeout", "30s",
-                            "rmp", "--all", "--force"], capture_output=True)
+            subprocess.run(
+                [
+                    str(crictl),
+                    "--runtime-endpoint",
+                    f"unix://{self.address}",
+                    "--timeout",
+                    "30s",
+                    "rmp",
+                    "--all",
+                    "--force",
+                ],
+                capture_output=True,
+            )
         for t in self.ctr("tasks", "ls", "-q").stdout.split():
             self.ctr("tasks", "kill", "--all", "--signal", "SIGKILL", t)
         deadline = time.monotonic() + 10

@@ -11,6 +11,7 @@ optionally kube-controller-manager/kube-scheduler/kubectl) or from the cache tha
 hack/build-binaries.sh fills (built on demand). State dir layout:
     pki/ (ca.*, apiserver.*, admin.*, sa.*)   kubeconfig   logs/<component>.log   etcd/   pids/<component>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,75 +108,147 @@ class ControlPlane:
         """The URL pods and a node use (the host's IP, not 127.0.0.1)."""
         return f"https://{self.advertise_ip}:{self.api_port}"
 
-    def start(self, timeout: float = 120) -> "ControlPlane":
+    def start(self, timeout: float = 120) -> ControlPlane:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         stop_from_pidfiles(self.state_dir)  # leftovers of an earlier run on this state dir
         self.advertise_ip = host_ip()
-        sans = sorted({"127.0.0.1", self.advertise_ip, SERVICE_IP, "localhost", "kubernetes", "kubernetes.default",
-                       "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"})
+        sans = sorted(
+            {
+                "127.0.0.1",
+                self.advertise_ip,
+                SERVICE_IP,
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            }
+        )
         make_pki(self.pki, sans)
         etcd_port, peer_port = free_port(), free_port()
         self.api_port = free_port()
-        self.procs.start("etcd", [
-            str(binary("etcd")), "--data-dir", str(self.state_dir / "etcd"), "--name", "kubetune",
-            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-            "--initial-cluster", f"kubetune=http://127.0.0.1:{peer_port}",
-            "--unsafe-no-fsync", "--quota-backend-bytes", str(4 << 30), "--log-level", "warn",
-        ])
+        self.procs.start(
+            "etcd",
+            [
+                str(binary("etcd")),
+                "--data-dir",
+                str(self.state_dir / "etcd"),
+                "--name",
+                "kubetune",
+                "--listen-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer_port}",
+                "--initial-cluster",
+                f"kubetune=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes",
+                str(4 << 30),
+                "--log-level",
+                "warn",
+            ],
+        )
         p = str(self.pki)
-        self.procs.start("kube-apiserver", [
-            str(binary("kube-apiserver")),
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            f"--secure-port={self.api_port}", "--bind-address=0.0.0.0", f"--advertise-address={self.advertise_ip}",
-            f"--tls-cert-file={p}/apiserver.crt", f"--tls-private-key-file={p}/apiserver.key",
-            f"--client-ca-file={p}/ca.crt",
-            f"--service-account-key-file={p}/sa.pub", f"--service-account-signing-key-file={p}/sa.key",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--authorization-mode=Node,RBAC", "--allow-privileged=true",
-            f"--kubelet-client-certificate={p}/admin.crt", f"--kubelet-client-key={p}/admin.key",
-            "--kubelet-preferred-address-types=InternalIP,Hostname",
-            "--enable-priority-and-fairness=false", "--max-requests-inflight=2000",
-            "--max-mutating-requests-inflight=1000", "--watch-cache=true",
-            *self._audit_flags(),
-        ])
+        self.procs.start(
+            "kube-apiserver",
+            [
+                str(binary("kube-apiserver")),
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                f"--secure-port={self.api_port}",
+                "--bind-address=0.0.0.0",
+                f"--advertise-address={self.advertise_ip}",
+                f"--tls-cert-file={p}/apiserver.crt",
+                f"--tls-private-key-file={p}/apiserver.key",
+                f"--client-ca-file={p}/ca.crt",
+                f"--service-account-key-file={p}/sa.pub",
+                f"--service-account-signing-key-file={p}/sa.key",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                f"--kubelet-client-certificate={p}/admin.crt",
+                f"--kubelet-client-key={p}/admin.key",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
+                "--enable-priority-and-fairness=false",
+                "--max-requests-inflight=2000",
+                "--max-mutating-requests-inflight=1000",
+                "--watch-cache=true",
+                *self._audit_flags(),
+            ],
+        )
         self._write_kubeconfig(self.kubeconfig, "admin", ADMIN_USER)
         self.wait_ready(timeout)
         if self.with_controllers and self._have("kube-controller-manager"):
-            self.procs.start("kube-controller-manager", [
-                str(binary("kube-controller-manager")), f"--kubeconfig={self.kubeconfig}",
-                f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
-                "--leader-elect=false", f"--secure-port={free_port()}", "--bind-address=127.0.0.1",
-                f"--service-account-private-key-file={p}/sa.key", f"--root-ca-file={p}/ca.crt",
-                f"--cluster-signing-cert-file={p}/ca.crt", f"--cluster-signing-key-file={p}/ca.key",
-                "--use-service-account-credentials=true", f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--controllers=*,-bootstrapsigner,-tokencleaner",
-                # Delete pods of a vanished node quickly (a spot reclaim deletes the Node object).
-                "--node-monitor-grace-period=20s", "--terminated-pod-gc-threshold=1000",
-            ])
+            self.procs.start(
+                "kube-controller-manager",
+                [
+                    str(binary("kube-controller-manager")),
+                    f"--kubeconfig={self.kubeconfig}",
+                    f"--authentication-kubeconfig={self.kubeconfig}",
+                    f"--authorization-kubeconfig={self.kubeconfig}",
+                    "--leader-elect=false",
+                    f"--secure-port={free_port()}",
+                    "--bind-address=127.0.0.1",
+                    f"--service-account-private-key-file={p}/sa.key",
+                    f"--root-ca-file={p}/ca.crt",
+                    f"--cluster-signing-cert-file={p}/ca.crt",
+                    f"--cluster-signing-key-file={p}/ca.key",
+                    "--use-service-account-credentials=true",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    "--controllers=*,-bootstrapsigner,-tokencleaner",
+                    # Delete pods of a vanished node quickly (a spot reclaim deletes the Node object).
+                    "--node-monitor-grace-period=20s",
+                    "--terminated-pod-gc-threshold=1000",
+                ],
+            )
         if self.with_controllers and self._have("kube-scheduler"):
-            self.procs.start("kube-scheduler", [
-                str(binary("kube-scheduler")), f"--kubeconfig={self.kubeconfig}",
-                f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
-                "--leader-elect=false", f"--secure-port={free_port()}", "--bind-address=127.0.0.1",
-            ])
+            self.procs.start(
+                "kube-scheduler",
+                [
+                    str(binary("kube-scheduler")),
+                    f"--kubeconfig={self.kubeconfig}",
+                    f"--authentication-kubeconfig={self.kubeconfig}",
+                    f"--authorization-kubeconfig={self.kubeconfig}",
+                    "--leader-elect=false",
+                    f"--secure-port={free_port()}",
+                    "--bind-address=127.0.0.1",
+                ],
+            )
         return self
 
     def _write_kubeconfig(self, path: Path, cert: str, user: str) -> Path:
-        return pkilib.write_kubeconfig(path, f"https://127.0.0.1:{self.api_port}", self.pki / "ca.crt",
-                                       self.pki / f"{cert}.crt", self.pki / f"{cert}.key", user)
+        return pkilib.write_kubeconfig(
+            path,
+            f"https://127.0.0.1:{self.api_port}",
+            self.pki / "ca.crt",
+            self.pki / f"{cert}.crt",
+            self.pki / f"{cert}.key",
+            user,
+        )
 
     def _audit_flags(self) -> list[str]:
         if not self.audit:
             return []
         policy = self.state_dir / "audit-policy.json"
-        policy.write_text(json.dumps({"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
-                                      "omitStages": ["RequestReceived"], "rules": [{"level": "Metadata"}]}))
-        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.logs / 'audit.log'}",
-                "--audit-log-mode=blocking"]
+        policy.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "audit.k8s.io/v1",
+                    "kind": "Policy",
+                    "omitStages": ["RequestReceived"],
+                    "rules": [{"level": "Metadata"}],
+                }
+            )
+        )
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.logs / 'audit.log'}",
+            "--audit-log-mode=blocking",
+        ]
 
     def client_kubeconfig(self, user: str, group: str = "system:masters") -> Path:
         """A kubeconfig for a distinct user, so its requests can be told apart in the audit log."""

@@ -13,6 +13,7 @@ The cluster stays up afterwards (`--down` tears it down) so you can poke at it.
     python -m kubetune_dev.demo [--preempt-at PCT] [--state-dir DIR]
     python -m kubetune_dev.demo --down
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def bar(pct: int, width: int = 30) -> str:
 def status_line(st: dict) -> str:
     prog = st.get("progress") or {}
     pct = prog.get("progressPercentage") or 0
-    parts = [f"{st.get('phase', 'Pending'):<10}", f"[{bar(pct)}] {pct:3d}%",
-             f"step {prog.get('step', 0)}/{prog.get('totalSteps', '?')}"]
+    parts = [
+        f"{st.get('phase', 'Pending'):<10}",
+        f"[{bar(pct)}] {pct:3d}%",
+        f"step {prog.get('step', 0)}/{prog.get('totalSteps', '?')}",
+    ]
     if prog.get("loss") is not None:
         parts.append(f"loss {prog['loss']:.3f}")
     if prog.get("estimatedRemainingSeconds") is not None:
@@ -105,8 +109,9 @@ def main() -> int:
             pct = (st.get("progress") or {}).get("progressPercentage") or 0
             if not preempted and st.get("phase") == "Running" and pct >= args.preempt_at and st.get("lastCheckpoint"):
                 pod = st["workers"][0]["name"]
-                print(f"\n== injecting a spot preemption: evicting {pod} (the trainer checkpoints on SIGTERM)",
-                      flush=True)
+                print(
+                    f"\n== injecting a spot preemption: evicting {pod} (the trainer checkpoints on SIGTERM)", flush=True
+                )
                 core.create_namespaced_pod_eviction(pod, NAMESPACE, {"metadata": {"name": pod, "namespace": NAMESPACE}})
                 preempted = True
             time.sleep(1)
@@ -117,9 +122,11 @@ def main() -> int:
             return 1
         out = st.get("outputUri", "")
         objects = [o.key for o in output_objects(stack, out)]
-        print(f"== Succeeded after {st.get('preemptions', 0)} preemption(s); resumed from step "
-              f"{(st.get('progress') or {}).get('resumedFromStep')}; "
-              f"cost estimate ${(st.get('cost') or {}).get('estimatedUsd')}")
+        print(
+            f"== Succeeded after {st.get('preemptions', 0)} preemption(s); resumed from step "
+            f"{(st.get('progress') or {}).get('resumedFromStep')}; "
+            f"cost estimate ${(st.get('cost') or {}).get('estimatedUsd')}"
+        )
         print(f"== adapter and model card at {out}:")
         for key in objects:
             print(f"     {key}")

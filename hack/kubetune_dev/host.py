@@ -1,5 +1,6 @@
 """The host a local cluster runs on: its IP addresses, Debian packages, kernel settings, mounts
 and capabilities. Stdlib only; packages come from apt."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -73,8 +74,11 @@ def prepare_host() -> None:
     if shutil.which("modprobe"):
         for m in ("overlay", "br_netfilter"):
             subprocess.run(["modprobe", m], capture_output=True)
-    for k, v in (("net.ipv4.ip_forward", "1"), ("net.bridge.bridge-nf-call-iptables", "1"),
-                 ("net.bridge.bridge-nf-call-ip6tables", "1")):
+    for k, v in (
+        ("net.ipv4.ip_forward", "1"),
+        ("net.bridge.bridge-nf-call-iptables", "1"),
+        ("net.bridge.bridge-nf-call-ip6tables", "1"),
+    ):
         write_sysctl(k, v)
 
 
@@ -87,9 +91,18 @@ def overlay_supported(root: Path) -> bool:
     for d in ("lower", "upper", "work", "merged"):
         (t / d).mkdir(parents=True)
     try:
-        r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                            f"lowerdir={t}/lower,upperdir={t}/upper,workdir={t}/work", str(t / "merged")],
-                           capture_output=True)
+        r = subprocess.run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={t}/lower,upperdir={t}/upper,workdir={t}/work",
+                str(t / "merged"),
+            ],
+            capture_output=True,
+        )
         if r.returncode == 0:
             subprocess.run(["umount", str(t / "merged")], capture_output=True)
         return r.returncode == 0

@@ -8,6 +8,7 @@ busybox test image), and importing archives into a local node's containerd.
 Pods must use ``imagePullPolicy: Never`` or ``IfNotPresent`` with a non-latest tag. Bigger
 images come from ``hack/images.sh`` (buildah).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,7 +66,9 @@ def write_docker_archive(out: Path, tag: str, entries: list[tuple], config: dict
     layer_bytes = layer.getvalue()
     diff_id = hashlib.sha256(layer_bytes).hexdigest()
     cfg = {
-        "architecture": "amd64", "os": "linux", "created": "1970-01-01T00:00:00Z",
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "1970-01-01T00:00:00Z",
         "config": config,
         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
         # the same string as before the move: changing it would change every digest
@@ -77,20 +80,26 @@ def write_docker_archive(out: Path, tag: str, entries: list[tuple], config: dict
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in ((f"{diff_id}/layer.tar", layer_bytes), (cfg_name, cfg_bytes),
-                           ("manifest.json", json.dumps(manifest).encode())):
+        for name, data in (
+            (f"{diff_id}/layer.tar", layer_bytes),
+            (cfg_name, cfg_bytes),
+            ("manifest.json", json.dumps(manifest).encode()),
+        ):
             t.addfile(_tarinfo(name, tarfile.REGTYPE, 0o644, len(data)), io.BytesIO(data))
     tmp.replace(out)
     return out
 
 
 def pause_source(bin_dir: Path, k8s_version: str) -> Path:
-    for p in (bin_dir / "pause.c",
-              cache_dir() / "go-mod" / "k8s.io" / f"kubernetes@{k8s_version}" / "build/pause/linux/pause.c"):
+    for p in (
+        bin_dir / "pause.c",
+        cache_dir() / "go-mod" / "k8s.io" / f"kubernetes@{k8s_version}" / "build/pause/linux/pause.c",
+    ):
         if p.is_file():
             return p
-    raise FileNotFoundError(f"pause.c not found in {bin_dir} nor in the Go module cache "
-                            "(run hack/build-binaries.sh kubernetes)")
+    raise FileNotFoundError(
+        f"pause.c not found in {bin_dir} nor in the Go module cache (run hack/build-binaries.sh kubernetes)"
+    )
 
 
 def build_pause_image(tag: str, bin_dir: Path, k8s_version: str, cache: Path | None = None) -> Path:
@@ -107,8 +116,12 @@ def build_pause_image(tag: str, bin_dir: Path, k8s_version: str, cache: Path | N
     version = tag.rsplit(":", 1)[-1]
     run(["gcc", "-Os", "-Wall", "-Werror", "-static", f"-DVERSION=v{version}-kubetune", "-o", str(binary), str(src)])
     run(["strip", str(binary)], check=False)
-    write_docker_archive(out, tag, [("/pause", "file", str(binary), 0o755)],
-                         {"Entrypoint": ["/pause"], "User": "65535:65535", "WorkingDir": "/"})
+    write_docker_archive(
+        out,
+        tag,
+        [("/pause", "file", str(binary), 0o755)],
+        {"Entrypoint": ["/pause"], "User": "65535:65535", "WorkingDir": "/"},
+    )
     binary.unlink()
     return out
 
@@ -127,11 +140,17 @@ def build_busybox_image(tag: str, cache: Path | None = None) -> Path:
     entries += [("/tmp", "dir", None, 0o1777), ("/bin/busybox", "file", str(bb), 0o755)]
     entries += [(f"/bin/{a}", "symlink", "busybox", 0o777) for a in applets]
     passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
-    entries += [("/etc/passwd", "file", passwd, 0o644),
-                ("/etc/group", "file", b"root:x:0:\nnogroup:x:65534:\n", 0o644)]
-    write_docker_archive(out, tag, entries, {
-        "Cmd": ["/bin/sh"], "WorkingDir": "/",
-        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]})
+    entries += [("/etc/passwd", "file", passwd, 0o644), ("/etc/group", "file", b"root:x:0:\nnogroup:x:65534:\n", 0o644)]
+    write_docker_archive(
+        out,
+        tag,
+        entries,
+        {
+            "Cmd": ["/bin/sh"],
+            "WorkingDir": "/",
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        },
+    )
     return out
 
 
@@ -143,7 +162,7 @@ class ImageStore:
         self.node_dir, self.containerd_address = node_dir, containerd_address
 
     @classmethod
-    def of_state_dir(cls, state_dir: Path) -> "ImageStore":
+    def of_state_dir(cls, state_dir: Path) -> ImageStore:
         """The store of the node a `LocalNode` (or `python -m kubetune_dev.node up`) made under `state_dir`."""
         node_dir = Path(state_dir).resolve() / "node"
         meta = json.loads((node_dir / "node.json").read_text())
@@ -203,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "build-test-image":
         print(build_busybox_image(a.tag or pinned.get("BUSYBOX_TEST_IMAGE", DEFAULT_TEST_IMAGE)))
     else:
-        print(build_pause_image(pinned.get("PAUSE_IMAGE", DEFAULT_PAUSE_IMAGE), kubernetes_bin_dir(),
-                                pinned["KUBERNETES_VERSION"]))
+        print(
+            build_pause_image(
+                pinned.get("PAUSE_IMAGE", DEFAULT_PAUSE_IMAGE), kubernetes_bin_dir(), pinned["KUBERNETES_VERSION"]
+            )
+        )
     return 0
 
 

@@ -1,5 +1,6 @@
 """FineTuneJob manifests for the tests, the demo and bench/: the example of
 manifests/examples/ with a fresh name and overrides merged into its spec."""
+
 from __future__ import annotations
 
 import copy

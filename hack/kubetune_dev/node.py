@@ -16,6 +16,7 @@ CLI: ``python -m kubetune_dev.node up|down|status --state-dir DIR ...``; images 
 
 The pause (sandbox) image is written by `kubetune_dev.imagestore` and imported at every start.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,16 @@ from typing import Any
 
 from kubetune_dev import imagestore
 from kubetune_dev.containerd import CNI_BIN_DIR, Containerd
-from kubetune_dev.host import (CAP_SYS_RESOURCE, ensure_packages, have_capability, host_ip_towards, log,
-                               overlay_supported, prepare_host, unmount_all)
+from kubetune_dev.host import (
+    CAP_SYS_RESOURCE,
+    ensure_packages,
+    have_capability,
+    host_ip_towards,
+    log,
+    overlay_supported,
+    prepare_host,
+    unmount_all,
+)
 from kubetune_dev.imagestore import build_pause_image
 from kubetune_dev.pki import issue_cert, write_kubeconfig
 from kubetune_dev.podnet import PodNetwork
@@ -78,12 +87,25 @@ class LocalNode:
         kubelet_port / kubelet_healthz_port / proxy_healthz_port / proxy_metrics_port: host ports.
     """
 
-    def __init__(self, state_dir: str | Path, ca_cert: str | Path, ca_key: str | Path, apiserver_url: str,
-                 node_name: str = "kubetune-node", pod_cidr: str = "10.88.0.0/16", *,
-                 bin_dir: str | Path | None = None, node_ip: str | None = None, images: Any = (),
-                 kubelet_port: int = 10250, kubelet_healthz_port: int = 10248,
-                 proxy_healthz_port: int = 10256, proxy_metrics_port: int = 10249,
-                 node_labels: dict[str, str] | None = None, verbosity: int = 2) -> None:
+    def __init__(
+        self,
+        state_dir: str | Path,
+        ca_cert: str | Path,
+        ca_key: str | Path,
+        apiserver_url: str,
+        node_name: str = "kubetune-node",
+        pod_cidr: str = "10.88.0.0/16",
+        *,
+        bin_dir: str | Path | None = None,
+        node_ip: str | None = None,
+        images: Any = (),
+        kubelet_port: int = 10250,
+        kubelet_healthz_port: int = 10248,
+        proxy_healthz_port: int = 10256,
+        proxy_metrics_port: int = 10249,
+        node_labels: dict[str, str] | None = None,
+        verbosity: int = 2,
+    ) -> None:
         self.versions = versions()
         self.state_dir = Path(state_dir).resolve()
         self.ca_cert, self.ca_key = Path(ca_cert).resolve(), Path(ca_key).resolve()
@@ -108,8 +130,7 @@ class LocalNode:
         # pid files count only while the process's command line names this node's files
         self.procs = Processes(self.log_dir, self.dir / "run", pid_suffix=".pid", marker=str(self.dir))
         self.containerd = Containerd(self.dir, self.procs)
-        self.network = PodNetwork(self.dir, hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8],
-                                  self.pod_cidr)
+        self.network = PodNetwork(self.dir, hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8], self.pod_cidr)
 
     # -- public API ------------------------------------------------------------------------
     @property
@@ -155,20 +176,29 @@ class LocalNode:
 
         self._write_kubelet_config()
         labels = ",".join(f"{k}={v}" for k, v in self.node_labels.items())
-        self._spawn("kubelet", [str(self.bin_dir / "kubelet"),
-                                f"--config={self.dir / 'kubelet.yaml'}",
-                                f"--kubeconfig={self.kubelet_kubeconfig}",
-                                f"--hostname-override={self.node_name}",
-                                f"--node-ip={self.node_ip}",
-                                f"--root-dir={self.kubelet_dir}",
-                                f"--cert-dir={self.pki}",
-                                *([f"--node-labels={labels}"] if labels else []),
-                                f"--v={self.verbosity}"])
+        self._spawn(
+            "kubelet",
+            [
+                str(self.bin_dir / "kubelet"),
+                f"--config={self.dir / 'kubelet.yaml'}",
+                f"--kubeconfig={self.kubelet_kubeconfig}",
+                f"--hostname-override={self.node_name}",
+                f"--node-ip={self.node_ip}",
+                f"--root-dir={self.kubelet_dir}",
+                f"--cert-dir={self.pki}",
+                *([f"--node-labels={labels}"] if labels else []),
+                f"--v={self.verbosity}",
+            ],
+        )
         self._write_kube_proxy_config()
-        self._spawn("kube-proxy", [str(self.bin_dir / "kube-proxy"), f"--config={self.dir / 'kube-proxy.yaml'}",
-                                   f"--v={self.verbosity}"])
-        log(f"node {self.node_name} launched in {time.monotonic() - t0:.1f}s (ip {self.node_ip}, "
-            f"containerd {self.containerd_address}, snapshotter {snapshotter})")
+        self._spawn(
+            "kube-proxy",
+            [str(self.bin_dir / "kube-proxy"), f"--config={self.dir / 'kube-proxy.yaml'}", f"--v={self.verbosity}"],
+        )
+        log(
+            f"node {self.node_name} launched in {time.monotonic() - t0:.1f}s (ip {self.node_ip}, "
+            f"containerd {self.containerd_address}, snapshotter {snapshotter})"
+        )
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Block until the Node is Ready and kube-proxy is healthy; raises with log tails otherwise."""
@@ -181,8 +211,9 @@ class LocalNode:
                 if not self.procs.alive(name):
                     raise RuntimeError(f"{name} exited during start-up:\n{self.procs.tail(name)}")
             try:
-                with urllib.request.urlopen(f"{self.apiserver_url}/api/v1/nodes/{self.node_name}",
-                                            context=ctx, timeout=5) as r:
+                with urllib.request.urlopen(
+                    f"{self.apiserver_url}/api/v1/nodes/{self.node_name}", context=ctx, timeout=5
+                ) as r:
                     node = json.load(r)
                 ready = next((c for c in node.get("status", {}).get("conditions", []) if c["type"] == "Ready"), None)
                 last = f"Ready={ready and ready['status']}: {ready and ready.get('message')}"
@@ -192,9 +223,11 @@ class LocalNode:
             except (urllib.error.URLError, OSError, ValueError) as e:
                 last = f"{type(e).__name__}: {e}"
             time.sleep(1)
-        raise TimeoutError(f"node {self.node_name} not ready after {timeout}s ({last})\n"
-                           f"--- kubelet ---\n{self.procs.tail('kubelet')}\n"
-                           f"--- kube-proxy ---\n{self.procs.tail('kube-proxy')}")
+        raise TimeoutError(
+            f"node {self.node_name} not ready after {timeout}s ({last})\n"
+            f"--- kubelet ---\n{self.procs.tail('kubelet')}\n"
+            f"--- kube-proxy ---\n{self.procs.tail('kube-proxy')}"
+        )
 
     def import_image(self, archive: str | Path, *, snapshotter: str | None = None, force: bool = False) -> list[str]:
         """Load an image archive into this node's containerd (see `ImageStore.import_image`)."""
@@ -237,8 +270,9 @@ class LocalNode:
     def _env() -> dict[str, str]:
         # iptables, runc, the containerd shim and modprobe live in sbin dirs a user PATH may lack
         path = os.environ.get("PATH", "").split(":")
-        path += [d for d in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
-                 if d not in path]
+        path += [
+            d for d in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin") if d not in path
+        ]
         return dict(os.environ, PATH=":".join(p for p in path if p))
 
     def _spawn(self, name: str, cmd: list[str]) -> int:
@@ -269,8 +303,11 @@ class LocalNode:
     def _cgroup_dirs(self) -> list[Path]:
         if not (CGROUP_V1 / "cpu").is_dir():  # pure cgroup v2 host
             return [CGROUP_V1 / self.cgroup_root.strip("/")] if (CGROUP_V1 / "cgroup.controllers").exists() else []
-        return [h / self.cgroup_root.strip("/") for h in sorted(CGROUP_V1.iterdir())
-                if h.is_dir() and not h.is_symlink() and (h / "cgroup.procs").exists()]
+        return [
+            h / self.cgroup_root.strip("/")
+            for h in sorted(CGROUP_V1.iterdir())
+            if h.is_dir() and not h.is_symlink() and (h / "cgroup.procs").exists()
+        ]
 
     def _make_cgroup_root(self) -> None:
         for d in self._cgroup_dirs():
@@ -304,9 +341,17 @@ class LocalNode:
     def _save_meta(self, **extra: Any) -> None:
         """<node>/node.json: what `down`/`import`/hack/images.sh need without the other arguments."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        meta = {**self._meta(), "node_name": self.node_name, "apiserver_url": self.apiserver_url,
-                "pod_cidr": self.pod_cidr, "ca_cert": str(self.ca_cert), "ca_key": str(self.ca_key),
-                "bin_dir": str(self.bin_dir), "containerd_address": self.containerd_address, **extra}
+        meta = {
+            **self._meta(),
+            "node_name": self.node_name,
+            "apiserver_url": self.apiserver_url,
+            "pod_cidr": self.pod_cidr,
+            "ca_cert": str(self.ca_cert),
+            "ca_key": str(self.ca_key),
+            "bin_dir": str(self.bin_dir),
+            "containerd_address": self.containerd_address,
+            **extra,
+        }
         (self.dir / "node.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def _write_certs(self) -> None:
@@ -314,46 +359,79 @@ class LocalNode:
         user = f"system:node:{self.node_name}"
         crt, k = issue_cert(self.pki, "kubelet-client", ca, key, cn=user, orgs=("system:nodes",))
         write_kubeconfig(self.kubelet_kubeconfig, self.apiserver_url, ca, crt, k, user)
-        issue_cert(self.pki, "kubelet-serving", ca, key, cn=self.node_name, client=False, server=True,
-                   sans=(self.node_name, "localhost", self.node_ip, "127.0.0.1"))
+        issue_cert(
+            self.pki,
+            "kubelet-serving",
+            ca,
+            key,
+            cn=self.node_name,
+            client=False,
+            server=True,
+            sans=(self.node_name, "localhost", self.node_ip, "127.0.0.1"),
+        )
         crt, k = issue_cert(self.pki, "kube-proxy", ca, key, cn="system:kube-proxy")
         write_kubeconfig(self.dir / "kube-proxy.kubeconfig", self.apiserver_url, ca, crt, k, "system:kube-proxy")
 
     def _write_kubelet_config(self) -> None:
         resolv = "/etc/resolv.conf"
         try:  # a loopback resolver (systemd-resolved stub) is useless inside pods
-            if any(line.split()[1].startswith("127.") for line in Path(resolv).read_text().splitlines()
-                   if line.startswith("nameserver")):
+            if any(
+                line.split()[1].startswith("127.")
+                for line in Path(resolv).read_text().splitlines()
+                if line.startswith("nameserver")
+            ):
                 resolv = "/run/systemd/resolve/resolv.conf" if Path("/run/systemd/resolve/resolv.conf").exists() else ""
         except (OSError, IndexError):
             pass
         cfg = {
-            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "address": "0.0.0.0", "port": self.kubelet_port, "readOnlyPort": 0,
-            "healthzBindAddress": "127.0.0.1", "healthzPort": self.kubelet_healthz_port,
-            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": True},
-                               "x509": {"clientCAFile": str(self.ca_cert)}},
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": "0.0.0.0",
+            "port": self.kubelet_port,
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": self.kubelet_healthz_port,
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(self.ca_cert)},
+            },
             "authorization": {"mode": "Webhook"},
             "tlsCertFile": str(self.pki / "kubelet-serving.crt"),
             "tlsPrivateKeyFile": str(self.pki / "kubelet-serving.key"),
-            "rotateCertificates": False, "serverTLSBootstrap": False,
+            "rotateCertificates": False,
+            "serverTLSBootstrap": False,
             "containerRuntimeEndpoint": f"unix://{self.containerd_address}",
             "imageServiceEndpoint": f"unix://{self.containerd_address}",
-            "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root, "cgroupsPerQOS": True,
+            "cgroupDriver": "cgroupfs",
+            "cgroupRoot": self.cgroup_root,
+            "cgroupsPerQOS": True,
             "enforceNodeAllocatable": ["pods"],
-            "failSwapOn": False, "failCgroupV1": False,
+            "failSwapOn": False,
+            "failCgroupV1": False,
             # images are imported locally and can't be re-pulled: never garbage-collect them
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%", "nodefs.inodesFree": "1%",
-                             "imagefs.available": "1%", "imagefs.inodesFree": "1%"},
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "evictionHard": {
+                "memory.available": "50Mi",
+                "nodefs.available": "1%",
+                "nodefs.inodesFree": "1%",
+                "imagefs.available": "1%",
+                "imagefs.inodesFree": "1%",
+            },
             "evictionPressureTransitionPeriod": "10s",
             "podLogsDir": str(self.dir / "pod-logs"),
-            "resolvConf": resolv, "clusterDomain": "cluster.local",
+            "resolvConf": resolv,
+            "clusterDomain": "cluster.local",
             "maxPods": 110,
-            "serializeImagePulls": False, "registerNode": True,
-            "nodeStatusReportFrequency": "10s", "nodeStatusUpdateFrequency": "5s",
-            "syncFrequency": "10s", "fileCheckFrequency": "10s",
-            "shutdownGracePeriod": "0s", "protectKernelDefaults": False,
+            "serializeImagePulls": False,
+            "registerNode": True,
+            "nodeStatusReportFrequency": "10s",
+            "nodeStatusUpdateFrequency": "5s",
+            "syncFrequency": "10s",
+            "fileCheckFrequency": "10s",
+            "shutdownGracePeriod": "0s",
+            "protectKernelDefaults": False,
             "oomScoreAdj": -999 if have_capability(CAP_SYS_RESOURCE) else 0,
             "localStorageCapacityIsolation": True,
         }
@@ -361,9 +439,12 @@ class LocalNode:
 
     def _write_kube_proxy_config(self) -> None:
         cfg = {
-            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration",
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
             "clientConnection": {"kubeconfig": str(self.dir / "kube-proxy.kubeconfig")},
-            "mode": "iptables", "hostnameOverride": self.node_name, "clusterCIDR": self.pod_cidr,
+            "mode": "iptables",
+            "hostnameOverride": self.node_name,
+            "clusterCIDR": self.pod_cidr,
             "bindAddress": self.node_ip,  # gives kube-proxy its node IP without waiting for the Node
             "healthzBindAddress": f"127.0.0.1:{self.proxy_healthz_port}",
             "metricsBindAddress": f"127.0.0.1:{self.proxy_metrics_port}",
@@ -390,11 +471,16 @@ def _node_from_args(a: argparse.Namespace) -> LocalNode:
     apiserver = a.apiserver or meta.get("apiserver_url")
     if not apiserver:
         sys.exit("--apiserver is required on first use")
-    return LocalNode(state, a.ca_cert or meta.get("ca_cert") or state / "pki" / "ca.crt",
-                     a.ca_key or meta.get("ca_key") or state / "pki" / "ca.key", apiserver,
-                     node_name=a.node_name or meta.get("node_name", "kubetune-node"),
-                     pod_cidr=a.pod_cidr or meta.get("pod_cidr", "10.88.0.0/16"),
-                     bin_dir=a.bin_dir or meta.get("bin_dir"), images=getattr(a, "image", None) or ())
+    return LocalNode(
+        state,
+        a.ca_cert or meta.get("ca_cert") or state / "pki" / "ca.crt",
+        a.ca_key or meta.get("ca_key") or state / "pki" / "ca.key",
+        apiserver,
+        node_name=a.node_name or meta.get("node_name", "kubetune-node"),
+        pod_cidr=a.pod_cidr or meta.get("pod_cidr", "10.88.0.0/16"),
+        bin_dir=a.bin_dir or meta.get("bin_dir"),
+        images=getattr(a, "image", None) or (),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,8 +507,16 @@ def main(argv: list[str] | None = None) -> int:
         node.start()
         if a.wait:
             node.wait_ready(a.wait)
-        print(json.dumps({"node": node.node_name, "containerd_address": node.containerd_address,
-                          "kubelet_kubeconfig": str(node.kubelet_kubeconfig), "node_ip": node.node_ip}))
+        print(
+            json.dumps(
+                {
+                    "node": node.node_name,
+                    "containerd_address": node.containerd_address,
+                    "kubelet_kubeconfig": str(node.kubelet_kubeconfig),
+                    "node_ip": node.node_ip,
+                }
+            )
+        )
     elif a.cmd == "down":
         node.stop()
     elif a.cmd == "status":

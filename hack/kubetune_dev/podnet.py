@@ -4,6 +4,7 @@ and the sweep that removes every trace of it (also after a crash).
 Host-global names carry an id derived from the state dir: bridge `kt<8 hex>`, CNI network
 `kubetune-<8 hex>`, the nat rule's comment `kubetune-node <8 hex> pod masquerade`.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,20 +32,42 @@ class PodNetwork:
         for old in self.conf_dir.glob("*"):
             old.unlink()
         conf = {
-            "cniVersion": "1.0.0", "name": self.name,
+            "cniVersion": "1.0.0",
+            "name": self.name,
             "plugins": [
-                {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": False,
-                 "hairpinMode": True,  # Service hairpin (a pod reaching itself via its ClusterIP)
-                 "ipam": {"type": "host-local", "dataDir": str(self.ipam_dir),
-                          "ranges": [[{"subnet": self.pod_cidr}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+                {
+                    "type": "bridge",
+                    "bridge": self.bridge,
+                    "isGateway": True,
+                    "ipMasq": False,
+                    "hairpinMode": True,  # Service hairpin (a pod reaching itself via its ClusterIP)
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": str(self.ipam_dir),
+                        "ranges": [[{"subnet": self.pod_cidr}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                    },
+                },
                 {"type": "portmap", "capabilities": {"portMappings": True}},
             ],
         }
         (self.conf_dir / "10-kubetune.conflist").write_text(json.dumps(conf, indent=2) + "\n")
 
     def _masq_rule(self) -> list[str]:
-        return ["POSTROUTING", "-s", self.pod_cidr, "!", "-d", self.pod_cidr,
-                "-m", "comment", "--comment", self.masq_comment, "-j", "MASQUERADE"]
+        return [
+            "POSTROUTING",
+            "-s",
+            self.pod_cidr,
+            "!",
+            "-d",
+            self.pod_cidr,
+            "-m",
+            "comment",
+            "--comment",
+            self.masq_comment,
+            "-j",
+            "MASQUERADE",
+        ]
 
     def ensure_masquerade(self) -> None:
         """One static rule instead of the bridge plugin's per-pod ipMasq chains (nothing to leak)."""
@@ -85,11 +108,19 @@ class PodNetwork:
         if running("kubelet"):
             return
         for table, chain in (("filter", "INPUT"), ("filter", "OUTPUT")):
-            while subprocess.run(["iptables", "-t", table, "-D", chain, "-j", "KUBE-FIREWALL"],
-                                 capture_output=True).returncode == 0:
+            while (
+                subprocess.run(
+                    ["iptables", "-t", table, "-D", chain, "-j", "KUBE-FIREWALL"], capture_output=True
+                ).returncode
+                == 0
+            ):
                 pass
-        for table, chain in (("filter", "KUBE-FIREWALL"), ("filter", "KUBE-KUBELET-CANARY"),
-                             ("nat", "KUBE-KUBELET-CANARY"), ("mangle", "KUBE-KUBELET-CANARY"),
-                             ("mangle", "KUBE-IPTABLES-HINT")):
+        for table, chain in (
+            ("filter", "KUBE-FIREWALL"),
+            ("filter", "KUBE-KUBELET-CANARY"),
+            ("nat", "KUBE-KUBELET-CANARY"),
+            ("mangle", "KUBE-KUBELET-CANARY"),
+            ("mangle", "KUBE-IPTABLES-HINT"),
+        ):
             subprocess.run(["iptables", "-t", table, "-F", chain], capture_output=True)
             subprocess.run(["iptables", "-t", table, "-X", chain], capture_output=True)

@@ -2,6 +2,7 @@
 file, tell whether a pid is still the process we started, stop it (SIGTERM, wait, SIGKILL), and
 find free ports. Pid files let another process (`down`, a crashed run's successor) stop them.
 """
+
 from __future__ import annotations
 
 import os
@@ -114,16 +115,24 @@ class Processes:
     def pid_file(self, name: str) -> Path:
         return self.pid_dir / f"{name}{self.pid_suffix}"
 
-    def start(self, name: str, argv: list[str], *, env: Mapping[str, str] | None = None,
-              cwd: Path | None = None) -> subprocess.Popen:
+    def start(
+        self, name: str, argv: list[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path(name), "ab") as log:
             log.write(f"\n==== {time.strftime('%F %T')} {shlex.join(argv)}\n".encode())
             log.flush()
             # Own session: a Ctrl-C to the parent must not hit them in the middle of their shutdown order.
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env=None if env is None else dict(env), cwd=cwd)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=None if env is None else dict(env),
+                cwd=cwd,
+            )
         self.children[name] = proc
         self.pid_file(name).write_text(f"{proc.pid}\n")
         return proc

@@ -9,6 +9,7 @@ first use when missing.
         bucket = m.make_bucket()
         m.client().put_object(Bucket=bucket, Key="k", Body=b"v")
 """
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,7 @@ class MinioServer:
         return f"http://{self.host}:{self.port}"
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self, timeout: float = 60.0) -> "MinioServer":
+    def start(self, timeout: float = 60.0) -> MinioServer:
         binary = self.binary or pinned_binary("minio")  # built on first use
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {
@@ -77,7 +78,10 @@ class MinioServer:
             log = open(self.log_path, "ab")
             self.proc = subprocess.Popen(
                 [str(binary), "server", "--address", f"{self.host}:{port}", str(self.data_dir)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,  # a Ctrl-C on the test run does not hit it mid-write
             )
             log.close()
@@ -125,7 +129,7 @@ class MinioServer:
         self.stop()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def __enter__(self) -> "MinioServer":
+    def __enter__(self) -> MinioServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

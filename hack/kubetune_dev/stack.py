@@ -10,6 +10,7 @@ With a kubeconfig (`LocalStack(kubeconfig=...)`, e.g. kind) it uses that cluster
 booting one: images must already be loaded there (hack/kind-e2e.sh does `kind load`), and
 MinIO still runs on this host, so pods must be able to reach this host's IP.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,7 @@ class LocalStack:
     _generation: int = 0
 
     # ---- bring-up ---------------------------------------------------------------------------
-    def up(self) -> "LocalStack":
+    def up(self) -> LocalStack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.stop_leftovers()
         t0 = time.monotonic()
@@ -84,8 +85,9 @@ class LocalStack:
 
     def start_node(self) -> None:
         assert self.cp is not None
-        self.node = LocalNode(self.state_dir, self.cp.pki / "ca.crt", self.cp.pki / "ca.key", self.cp.server,
-                              node_labels=self.node_labels)
+        self.node = LocalNode(
+            self.state_dir, self.cp.pki / "ca.crt", self.cp.pki / "ca.key", self.cp.server, node_labels=self.node_labels
+        )
         self.node.start()
         self.node.wait_ready()
 
@@ -95,8 +97,14 @@ class LocalStack:
         assert self.node is not None and self.cp is not None
         self.node.stop()
         self._generation += 1
-        self.node = LocalNode(self.state_dir, self.cp.pki / "ca.crt", self.cp.pki / "ca.key", self.cp.server,
-                              node_name=f"kubetune-node-{self._generation}", node_labels=self.node_labels)
+        self.node = LocalNode(
+            self.state_dir,
+            self.cp.pki / "ca.crt",
+            self.cp.pki / "ca.key",
+            self.cp.server,
+            node_name=f"kubetune-node-{self._generation}",
+            node_labels=self.node_labels,
+        )
         self.node.start()
         self.node.wait_ready()
 
@@ -105,8 +113,9 @@ class LocalStack:
         assert self.node is not None
         # --state-dir: the node remembers what it imported, so an unchanged 6 GB trainer image
         # is not imported again (a minute saved on every warm run).
-        subprocess.run([str(HACK / "images.sh"), "--state-dir", str(self.state_dir), "base", "operator", "trainer"],
-                       check=True)
+        subprocess.run(
+            [str(HACK / "images.sh"), "--state-dir", str(self.state_dir), "base", "operator", "trainer"], check=True
+        )
 
     def start_minio(self) -> None:
         host = host_ip()  # not 127.0.0.1: pods reach the host through the bridge
@@ -116,8 +125,9 @@ class LocalStack:
         log(f"MinIO at {self.minio.endpoint}")
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        out = subprocess.run([str(binary("helm")), "--kubeconfig", str(self.kubeconfig), *args],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [str(binary("helm")), "--kubeconfig", str(self.kubeconfig), *args], capture_output=True, text=True
+        )
         if check and out.returncode:
             raise RuntimeError(f"helm {args[0]} failed ({out.returncode}):\n{out.stderr}{out.stdout[-2000:]}")
         return out
@@ -125,12 +135,26 @@ class LocalStack:
     def install_chart(self) -> None:
         version = project_version()
         out = self.helm(
-            "upgrade", "--install", RELEASE, str(REPO / "charts" / "kubetune"),
-            "-n", SYSTEM_NAMESPACE, "--create-namespace",
-            "--set", f"operator.image.tag={version}", "--set", "operator.image.pullPolicy=Never",
-            "--set", f"trainer.image=localhost/kubetune-trainer:{version}", "--set", "trainer.pullPolicy=Never",
-            "--set-json", f"progressPollSeconds={self.progress_poll_seconds}",
-            "--wait", "--timeout", "5m",
+            "upgrade",
+            "--install",
+            RELEASE,
+            str(REPO / "charts" / "kubetune"),
+            "-n",
+            SYSTEM_NAMESPACE,
+            "--create-namespace",
+            "--set",
+            f"operator.image.tag={version}",
+            "--set",
+            "operator.image.pullPolicy=Never",
+            "--set",
+            f"trainer.image=localhost/kubetune-trainer:{version}",
+            "--set",
+            "trainer.pullPolicy=Never",
+            "--set-json",
+            f"progressPollSeconds={self.progress_poll_seconds}",
+            "--wait",
+            "--timeout",
+            "5m",
         )
         log(out.stdout.strip().splitlines()[0] if out.stdout else "chart installed")
 
@@ -141,8 +165,12 @@ class LocalStack:
         return kubernetes.config.new_client_from_config(str(self.kubeconfig))
 
     def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(binary("kubectl")), "--kubeconfig", str(self.kubeconfig), *args],
-                              capture_output=True, text=True, check=check)
+        return subprocess.run(
+            [str(binary("kubectl")), "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            check=check,
+        )
 
     def s3_secret(self, namespace: str, name: str = "kubetune-demo-s3") -> None:
         """The credentials Secret a FineTuneJob names (MinIO's root keys, for the demo)."""
@@ -158,8 +186,9 @@ class LocalStack:
                 raise
             core.replace_namespaced_secret(name, namespace, body)
 
-    def seed_demo_data(self, bucket: str = "kubetune-demo", records: int = 600, hidden: int = 64,
-                       layers: int = 2) -> dict[str, str]:
+    def seed_demo_data(
+        self, bucket: str = "kubetune-demo", records: int = 600, hidden: int = 64, layers: int = 2
+    ) -> dict[str, str]:
         """A tiny Llama (random weights, tokenizer trained here) and an instruction dataset, in MinIO."""
         import tempfile
 
@@ -178,8 +207,9 @@ class LocalStack:
         return {"model": f"s3://{bucket}/models/tiny-llama", "dataset": f"s3://{bucket}/datasets/instructions.jsonl"}
 
     def operator_logs(self) -> str:
-        return self.kubectl("-n", SYSTEM_NAMESPACE, "logs", f"deploy/{RELEASE}-operator", "--tail=400",
-                            check=False).stdout
+        return self.kubectl(
+            "-n", SYSTEM_NAMESPACE, "logs", f"deploy/{RELEASE}-operator", "--tail=400", check=False
+        ).stdout
 
     # ---- tear-down --------------------------------------------------------------------------
     def stop_leftovers(self) -> None:
@@ -196,8 +226,12 @@ class LocalStack:
             pid_file.unlink()
         if self.kubeconfig is None:
             if (self.state_dir / "node" / "node.json").exists():
-                LocalNode(self.state_dir, self.state_dir / "control-plane" / "pki" / "ca.crt",
-                          self.state_dir / "control-plane" / "pki" / "ca.key", "https://127.0.0.1:1").stop()
+                LocalNode(
+                    self.state_dir,
+                    self.state_dir / "control-plane" / "pki" / "ca.crt",
+                    self.state_dir / "control-plane" / "pki" / "ca.key",
+                    "https://127.0.0.1:1",
+                ).stop()
             controlplane.stop_from_pidfiles(self.state_dir / "control-plane")
 
     def down(self) -> None:

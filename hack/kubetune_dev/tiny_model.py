@@ -9,6 +9,7 @@ build bigger ones.
 The data helpers produce a *learnable* task (counting in words), so "the loss falls" is a real
 check: a model that learns nothing stays near ln(vocab).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,26 @@ import random
 from pathlib import Path
 
 WORDS = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-    "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-    "eighteen", "nineteen",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
 ]
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -39,8 +57,15 @@ def count_text(start: int, n: int) -> str:
 def corpus() -> list[str]:
     lines = [count_text(s, 12) for s in range(len(WORDS))]
     lines += [
-        "count from", "continue", "next", "after", "you are a counter", "say", "please",
-        "the quick brown fox jumps over the lazy dog", "hello world",
+        "count from",
+        "continue",
+        "next",
+        "after",
+        "you are a counter",
+        "say",
+        "please",
+        "the quick brown fox jumps over the lazy dog",
+        "hello world",
     ]
     return lines
 
@@ -67,13 +92,17 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
     out = []
     for _ in range(n):
         s = rng.randrange(len(WORDS))
-        out.append({"messages": [
-            {"role": "system", "content": "you are a counter"},
-            {"role": "user", "content": f"count from {WORDS[s]}"},
-            {"role": "assistant", "content": count_text(s + 1, 3)},
-            {"role": "user", "content": "continue"},
-            {"role": "assistant", "content": count_text(s + 4, 3)},
-        ]})
+        out.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "you are a counter"},
+                    {"role": "user", "content": f"count from {WORDS[s]}"},
+                    {"role": "assistant", "content": count_text(s + 1, 3)},
+                    {"role": "user", "content": "continue"},
+                    {"role": "assistant", "content": count_text(s + 4, 3)},
+                ]
+            }
+        )
     return out
 
 
@@ -86,7 +115,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 def build_tokenizer(dest: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -95,7 +124,11 @@ def build_tokenizer(dest: Path):
     trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=SPECIAL, show_progress=False)
     tok.train_from_iterator(corpus() * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         additional_special_tokens=SPECIAL[4:],
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -104,8 +137,15 @@ def build_tokenizer(dest: Path):
     return fast
 
 
-def build_tiny_model(dest: Path, hidden: int = 64, layers: int = 2, heads: int = 4,
-                     intermediate: int | None = None, seed: int = 0, init_range: float = 0.1) -> Path:
+def build_tiny_model(
+    dest: Path,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+    seed: int = 0,
+    init_range: float = 0.1,
+) -> Path:
     """Write a random-weight Llama + tokenizer to `dest`; returns `dest`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -114,10 +154,18 @@ def build_tiny_model(dest: Path, hidden: int = 64, layers: int = 2, heads: int =
     dest.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(dest)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, initializer_range=init_range,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate or hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=init_range,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

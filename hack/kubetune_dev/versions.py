@@ -3,6 +3,7 @@
 hack/versions.env is the one place versions are written; hack/build-binaries.sh fills the cache
 ($KUBETUNE_CACHE, default ~/.cache/kubetune) with `bin/<target>-<version>/<binary>`.
 """
+
 from __future__ import annotations
 
 import os

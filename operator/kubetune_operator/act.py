@@ -5,6 +5,7 @@ made from (a 409 means someone changed the job: the caller decides again), and t
 the pods about to be created, so that a crash after it neither loses nor duplicates them. Then
 the ConfigMap and pods ("get, else create"), pod deletions (404 is fine), events, metrics.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,8 +67,9 @@ def _pod_rejected(ctx: OperatorContext, job: dict[str, Any], e: ApiException) ->
     server refuse the pod: say so on the job instead of retrying blindly."""
     meta = job["metadata"]
     fresh = read_job(ctx, meta["namespace"], meta["name"]) or job
-    status = pod_rejected(fresh.get("status") or {}, api_error_message(e), e.status != 403, utc_now(),
-                          meta.get("generation"))
+    status = pod_rejected(
+        fresh.get("status") or {}, api_error_message(e), e.status != 403, utc_now(), meta.get("generation")
+    )
     ctx.own_writes.record(ctx.kube.patch_status(fresh, status))
     post_event(job, "Warning", "PodRejected", status["message"])
 

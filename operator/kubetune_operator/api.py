@@ -5,13 +5,24 @@ generated copy; a test fails on drift). The training-facing parts are the traine
 contract's own models, so spec and trainer config cannot disagree. Cross-field rules that the
 API server must enforce are CEL (`x-kubernetes-validations`) on the models that own the fields.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import Field
 
-from kubetune_contract.config import CheckpointSpec, DatasetSpec, LoraSpec, Method, ModelSpec, OutputSpec, S3Spec, SpecModel, TrainingSpec
+from kubetune_contract.config import (
+    CheckpointSpec,
+    DatasetSpec,
+    LoraSpec,
+    Method,
+    ModelSpec,
+    OutputSpec,
+    S3Spec,
+    SpecModel,
+    TrainingSpec,
+)
 from kubetune_contract.progress import CheckpointRef
 
 GROUP = "kubetune.io"
@@ -106,7 +117,9 @@ class RunPolicy(SpecModel):
 class PodOverrides(SpecModel):
     """Pass-through to the trainer pods."""
 
-    image: str | None = Field(None, min_length=1, max_length=512, description="Trainer image (default: operator setting).")
+    image: str | None = Field(
+        None, min_length=1, max_length=512, description="Trainer image (default: operator setting)."
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     env: list[K8sObject] | None = Field(None, description="Extra env vars (core/v1 EnvVar).")
     node_selector: dict[str, str] | None = None
@@ -226,7 +239,12 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Model", "type": "string", "jsonPath": ".spec.baseModel.uri"},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method"},
-    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.progressPercentage", "description": "percent"},
+    {
+        "name": "Progress",
+        "type": "integer",
+        "jsonPath": ".status.progress.progressPercentage",
+        "description": "percent",
+    },
     {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions"},
     {"name": "Cost", "type": "string", "jsonPath": ".status.cost.estimatedUsd", "description": "estimated USD"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -6,6 +6,7 @@ fails when either drifts. Values the operator reads reach it as `Settings` field
 Deployment's KUBETUNE_* environment: those fields take their default, description and limits from
 `Settings` itself (`_setting`), so the chart cannot document or default them differently.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,9 @@ PullPolicy = Literal["Always", "IfNotPresent", "Never"]
 _UNSET: Any = object()
 
 
-def _setting(name: str, *, default: Any = _UNSET, description: str | None = None, note: str = "",
-             **constraints: Any) -> Any:
+def _setting(
+    name: str, *, default: Any = _UNSET, description: str | None = None, note: str = "", **constraints: Any
+) -> Any:
     """A chart field that is the Settings field `name`: its description (plus a chart-side `note`),
     default and limits, with `constraints` added where the chart needs more (a containerPort >= 1)."""
     source = Settings.model_fields[name]
@@ -56,31 +58,39 @@ class Operator(_Values):
     image: OperatorImage = Field(default_factory=OperatorImage, description="The operator's container image.")
     watch_namespace: str = _setting("watch_namespace")
     log_format: Literal["json", "plain"] = Field(
-        "json", description="Log line format of the operator: json (one object a line) or plain text.")
+        "json", description="Log line format of the operator: json (one object a line) or plain text."
+    )
     resources: dict[str, Any] = Field(
         default_factory=lambda: {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-        description="Resource requests and limits of the operator container.")
+        description="Resource requests and limits of the operator container.",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the operator pod.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the operator pod.")
     affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of the operator pod.")
     priority_class_name: str = Field("", description="PriorityClass of the operator pod (empty: none).")
     extra_env: list[dict[str, Any]] = Field(
-        default_factory=list, description="Extra environment variables (EnvVar objects) for the operator container.")
+        default_factory=list, description="Extra environment variables (EnvVar objects) for the operator container."
+    )
 
 
 class Trainer(_Values):
     image: str = _setting(
-        "trainer_image", default="localhost/kubetune-trainer", min_length=1,
+        "trainer_image",
+        default="localhost/kubetune-trainer",
+        min_length=1,
         note="For FineTuneJobs that do not set spec.pod.image; without a tag or digest the chart appends its "
-        "appVersion.")
+        "appVersion.",
+    )
     pull_policy: PullPolicy = _setting("trainer_image_pull_policy")
 
 
 class Placement(_Values):
     capacity_type_label: str = _setting(
-        "capacity_type_label", min_length=1,
+        "capacity_type_label",
+        min_length=1,
         note="Karpenter: karpenter.sh/capacity-type=spot; EKS managed node groups: eks.amazonaws.com/capacityType=SPOT;"
-        " GKE: cloud.google.com/gke-spot=true.")
+        " GKE: cloud.google.com/gke-spot=true.",
+    )
     spot_value: str = _setting("spot_value", min_length=1)
     spot_tolerations: list[dict[str, Any]] = _setting("spot_tolerations")
     gpu_resource: str = _setting("gpu_resource", min_length=1)
@@ -100,7 +110,8 @@ class Cost(_Values):
         default_factory=dict,
         description='USD per GPU-hour by GPU product label, {TYPE: {on-demand: X, spot: Y}}; "default" covers the '
         "other types. Empty keeps the built-in list prices (DEFAULT_GPU_PRICES in operator/kubetune_operator/"
-        "settings.py).")
+        "settings.py).",
+    )
     cpu_hour_price: float = _setting("cpu_hour_price")
 
 
@@ -109,24 +120,29 @@ class ServiceMonitor(_Values):
 
 
 class Metrics(_Values):
-    port: int = _setting("metrics_port", ge=1, le=65535,
-                         description="Port of the operator's /metrics endpoint and of its Service.")
+    port: int = _setting(
+        "metrics_port", ge=1, le=65535, description="Port of the operator's /metrics endpoint and of its Service."
+    )
     service_monitor: ServiceMonitor = Field(
-        default_factory=ServiceMonitor, description="A prometheus-operator ServiceMonitor for the operator's /metrics.")
+        default_factory=ServiceMonitor, description="A prometheus-operator ServiceMonitor for the operator's /metrics."
+    )
 
 
 class ChartValues(_Values):
     global_: dict[str, Any] = Field(
-        default_factory=dict, alias="global",
+        default_factory=dict,
+        alias="global",
         description="Values a parent chart shares with its subcharts; kubetune reads none of them (accepted so the "
-        "chart works as a subchart).")
+        "chart works as a subchart).",
+    )
     crds: Crds = Field(default_factory=Crds, description="The FineTuneJob CRD's lifecycle.")
     operator: Operator = Field(default_factory=Operator, description="The operator Deployment.")
     trainer: Trainer = Field(default_factory=Trainer, description="Defaults for the trainer pods the operator creates.")
     placement: Placement = Field(default_factory=Placement, description="How trainer pods find spot and GPU nodes.")
     cost: Cost = Field(default_factory=Cost, description="Prices for the cost estimate in each job's status.")
     progress_poll_seconds: float = _setting(
-        "progress_poll_seconds", note="In seconds; also the period of the deadline/TTL sweep.")
+        "progress_poll_seconds", note="In seconds; also the period of the deadline/TTL sweep."
+    )
     preflight_s3_endpoint: bool = _setting("preflight_s3_endpoint")
     metrics: Metrics = Field(default_factory=Metrics, description="The operator's Prometheus metrics.")
 

@@ -1,6 +1,7 @@
 """The operator's state, in one object built once at startup (handlers.startup) and handed to every
 pass: settings, the Kubernetes client, what this operator last wrote, per-job locks and metrics.
 Nothing here is built at import time."""
+
 from __future__ import annotations
 
 import asyncio
@@ -52,7 +53,7 @@ class OperatorContext:
     locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, settings: Settings) -> "OperatorContext":
+    def create(cls, settings: Settings) -> OperatorContext:
         """After the client configuration is loaded (kube.load_client_config)."""
         return cls(settings=settings, kube=Kube(), metrics=OperatorMetrics())
 

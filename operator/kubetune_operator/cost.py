@@ -1,4 +1,5 @@
 """GPU-hours and estimated USD, accrued in the job's status for the time trainer containers run. Pure."""
+
 from __future__ import annotations
 
 import datetime as dt

@@ -8,6 +8,7 @@ Pydantic emits JSON Schema (draft 2020-12, with $refs, anyOf-null for optionals)
 wants a structural OpenAPI v3.0 schema (everything inline, no nulls, `x-kubernetes-*`
 extensions). `structural()` does that translation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,10 +92,10 @@ def _object_defaults(model: type[BaseModel], node: dict[str, Any]) -> None:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if field.default_factory is not None:
-                sub["default"] = field.default_factory().to_json_dict()
+                sub["default"] = field.get_default(call_default_factory=True).to_json_dict()
             _object_defaults(annotation, sub)
         elif field.default_factory is not None and "default" not in sub:
-            sub["default"] = field.default_factory()
+            sub["default"] = field.get_default(call_default_factory=True)
 
 
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -163,7 +164,7 @@ def render_chart_template() -> str:
     body = body.replace(
         f"metadata:\n  name: {CRD_NAME}\n",
         f"metadata:\n  name: {CRD_NAME}\n"
-        "  labels:\n    {{- include \"kubetune.labels\" . | nindent 4 }}\n"
+        '  labels:\n    {{- include "kubetune.labels" . | nindent 4 }}\n'
         "  {{- if .Values.crds.keep }}\n  annotations:\n    helm.sh/resource-policy: keep\n  {{- end }}\n",
         1,
     )

@@ -8,6 +8,7 @@ from the last checkpoint), a user error (the job fails, no retry) or an infrastr
 move together in one status write, before any pod of the next attempt is created, so a restart
 of the operator at any point neither double-counts nor duplicates pods.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,15 @@ Outcome = Literal["pending", "running", "succeeded", "preempted", "user_error", 
 
 # pod.status.reason values the kubelet/controllers use when a pod is killed for reasons outside
 # the trainer: all mean "the node went away or reclaimed its resources", i.e. a preemption.
-PREEMPTION_POD_REASONS = {"Evicted", "Preempting", "NodeShutdown", "Terminated", "NodeLost", "Shutdown", "DeletionByPodGC"}
+PREEMPTION_POD_REASONS = {
+    "Evicted",
+    "Preempting",
+    "NodeShutdown",
+    "Terminated",
+    "NodeLost",
+    "Shutdown",
+    "DeletionByPodGC",
+}
 # DisruptionTarget condition reasons (Kubernetes >= 1.26) that a spot reclaim or drain produces.
 WAITING_PROBLEMS = {
     "ErrImagePull": "ImagePullFailed",
@@ -64,7 +73,9 @@ class Decision:
     events: list[Event] = field(default_factory=list)
 
 
-def set_condition(status: dict[str, Any], ctype: str, value: bool, reason: str, message: str, now: dt.datetime, generation: int | None) -> bool:
+def set_condition(
+    status: dict[str, Any], ctype: str, value: bool, reason: str, message: str, now: dt.datetime, generation: int | None
+) -> bool:
     """Upsert a condition; lastTransitionTime changes only when the status flips. True if it flipped."""
     conditions = status.setdefault("conditions", [])
     new_status = "True" if value else "False"
@@ -76,8 +87,14 @@ def set_condition(status: dict[str, Any], ctype: str, value: bool, reason: str, 
             cond.update(status=new_status, reason=reason, message=message, observedGeneration=generation)
             return flipped
     conditions.append(
-        {"type": ctype, "status": new_status, "reason": reason, "message": message,
-         "lastTransitionTime": rfc3339(now), "observedGeneration": generation}
+        {
+            "type": ctype,
+            "status": new_status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": rfc3339(now),
+            "observedGeneration": generation,
+        }
     )
     return True
 
@@ -117,7 +134,9 @@ def _trainer_message(pod: PodView) -> str:
     return f"worker {pod.name}: " + ", ".join(b for b in bits if b)
 
 
-def _finish(st: dict[str, Any], obs: Observed, d: Decision, ok: bool, reason: str, message: str, alive: list[PodView]) -> None:
+def _finish(
+    st: dict[str, Any], obs: Observed, d: Decision, ok: bool, reason: str, message: str, alive: list[PodView]
+) -> None:
     gen = obs.job["metadata"].get("generation")
     st["phase"] = "Succeeded" if ok else "Failed"
     st["message"] = message
@@ -186,8 +205,8 @@ def decide(obs: Observed) -> Decision:
     # when a container has ended since the last step (its tail must not be lost).
     if obs.spec is not None and obs.gpu_price is not None:
         since = parse_time((st.get("cost") or {}).get("accruedUntil"))
-        ended = any(p.finished_at and (since is None or p.finished_at > since) for p in obs.pods)
-        if since is None or ended or (now - since).total_seconds() >= COST_STEP_SECONDS:
+        container_ended = any(p.finished_at and (since is None or p.finished_at > since) for p in obs.pods)
+        if since is None or container_ended or (now - since).total_seconds() >= COST_STEP_SECONDS:
             st["cost"] = accrue(st.get("cost"), obs.pods, obs.nodes, obs.spec.resources, obs.gpu_price, now)
 
     if st.get("phase") in ("Succeeded", "Failed"):
@@ -216,7 +235,8 @@ def decide(obs: Observed) -> Decision:
         set_condition(st, "Suspended", True, "Suspended", "spec.runPolicy.suspend is true", now, gen)
         set_condition(st, "Running", False, "Suspended", "suspended", now, gen)
         return d
-    if condition(st, "Suspended") and condition(st, "Suspended")["status"] == "True":
+    suspended = condition(st, "Suspended")
+    if suspended and suspended["status"] == "True":
         set_condition(st, "Suspended", False, "Resumed", "spec.runPolicy.suspend is false", now, gen)
         d.events.append(Event("Normal", "Resumed", "resuming from the last checkpoint"))
         st["phase"] = "Pending"
@@ -224,14 +244,24 @@ def decide(obs: Observed) -> Decision:
     deadline = spec.run_policy.active_deadline_seconds
     started = parse_time(st.get("startTime"))
     if deadline and started and (now - started).total_seconds() >= deadline:
-        _finish(st, obs, d, False, "DeadlineExceeded", f"job was active longer than activeDeadlineSeconds={deadline}", alive + older_alive)
+        _finish(
+            st,
+            obs,
+            d,
+            False,
+            "DeadlineExceeded",
+            f"job was active longer than activeDeadlineSeconds={deadline}",
+            alive + older_alive,
+        )
         return d
 
     st.setdefault("phase", "Pending")
     # Pods the job recorded as created but that are gone: deleted with their node (spot reclaim),
     # perhaps while the operator was down. ("Creating" entries were never seen: a failed create is
     # retried, not counted as a preemption.)
-    recorded = {w["name"] for w in st.get("workers") or [] if w.get("attempt") == attempt and w.get("phase") != "Creating"}
+    recorded = {
+        w["name"] for w in st.get("workers") or [] if w.get("attempt") == attempt and w.get("phase") != "Creating"
+    }
     vanished = sorted(recorded - {p.name for p in current})
     if not current and not vanished:
         return _start_attempt(st, obs, d, attempt, older_alive)
@@ -268,31 +298,63 @@ def decide(obs: Observed) -> Decision:
         if "preempted" in kinds:
             name = next(n for n, o in ended if o == "preempted")
             pod = by_name.get(name)
-            how = "pod deleted with its node" if pod is None else (pod.disruption or pod.reason or ("deleted" if pod.deleting else "SIGTERM"))
+            how = (
+                "pod deleted with its node"
+                if pod is None
+                else (pod.disruption or pod.reason or ("deleted" if pod.deleting else "SIGTERM"))
+            )
             st["preemptions"] += 1
-            message = f"worker {name} preempted ({how}); preemption {st['preemptions']} of at most {spec.capacity.max_preemptions}"
+            message = (
+                f"worker {name} preempted ({how}); "
+                f"preemption {st['preemptions']} of at most {spec.capacity.max_preemptions}"
+            )
             if st.get("lastCheckpoint"):
                 message += f"; resuming from step {st['lastCheckpoint']['step']}"
             set_condition(st, "Preempted", True, "Preempted", message, now, gen)
             d.events.append(Event("Warning", "Preempted", message))
             if st["preemptions"] > spec.capacity.max_preemptions:
-                if spec.capacity.fallback_to_on_demand and spec.capacity.policy != "on-demand" and not st.get("onDemandFallback"):
+                if (
+                    spec.capacity.fallback_to_on_demand
+                    and spec.capacity.policy != "on-demand"
+                    and not st.get("onDemandFallback")
+                ):
                     st["onDemandFallback"] = True
-                    d.events.append(Event("Warning", "FallbackToOnDemand",
-                                          f"{st['preemptions']} preemptions > maxPreemptions; continuing on on-demand nodes"))
+                    d.events.append(
+                        Event(
+                            "Warning",
+                            "FallbackToOnDemand",
+                            f"{st['preemptions']} preemptions > maxPreemptions; continuing on on-demand nodes",
+                        )
+                    )
                 elif not (st.get("onDemandFallback") and spec.capacity.fallback_to_on_demand):
-                    _finish(st, obs, d, False, "TooManyPreemptions",
-                            f"{st['preemptions']} preemptions > capacity.maxPreemptions={spec.capacity.max_preemptions}", alive)
+                    _finish(
+                        st,
+                        obs,
+                        d,
+                        False,
+                        "TooManyPreemptions",
+                        f"{st['preemptions']} preemptions > capacity.maxPreemptions={spec.capacity.max_preemptions}",
+                        alive,
+                    )
                     return d
             return _end_attempt(st, obs, d, attempt, alive)
         name = next(n for n, o in ended if o == "failed")
         st["restarts"] += 1
         why = _trainer_message(by_name[name])
         if st["restarts"] > spec.run_policy.backoff_limit:
-            _finish(st, obs, d, False, "BackoffLimitExceeded",
-                    f"{st['restarts']} failures > runPolicy.backoffLimit={spec.run_policy.backoff_limit}; last: {why}", alive)
+            _finish(
+                st,
+                obs,
+                d,
+                False,
+                "BackoffLimitExceeded",
+                f"{st['restarts']} failures > runPolicy.backoffLimit={spec.run_policy.backoff_limit}; last: {why}",
+                alive,
+            )
             return d
-        d.events.append(Event("Warning", "WorkerFailed", f"{why}; restart {st['restarts']} of {spec.run_policy.backoff_limit}"))
+        d.events.append(
+            Event("Warning", "WorkerFailed", f"{why}; restart {st['restarts']} of {spec.run_policy.backoff_limit}")
+        )
         set_condition(st, "Running", False, "WorkerFailed", why, now, gen)
         return _end_attempt(st, obs, d, attempt, alive)
 
@@ -316,7 +378,9 @@ def _final_record(pod: PodView) -> ProgressRecord | None:
         return None
 
 
-def _start_attempt(st: dict[str, Any], obs: Observed, d: Decision, attempt: int, older_alive: list[PodView]) -> Decision:
+def _start_attempt(
+    st: dict[str, Any], obs: Observed, d: Decision, attempt: int, older_alive: list[PodView]
+) -> Decision:
     gen = obs.job["metadata"].get("generation")
     now = obs.now
     if obs.preflight_problem:
@@ -335,7 +399,11 @@ def _start_attempt(st: dict[str, Any], obs: Observed, d: Decision, attempt: int,
     d.create_pods = [(attempt, 0)]  # rank > 0 follows once rank 0 has an IP (MASTER_ADDR)
     d.on_demand = bool(st.get("onDemandFallback"))
     st["workers"] = [{"name": _pod_name(obs, attempt, 0), "rank": 0, "phase": "Creating", "attempt": attempt}]
-    what = "created trainer pod" if attempt == 0 else f"created trainer pod for attempt {attempt} (resumes from the last checkpoint)"
+    what = (
+        "created trainer pod"
+        if attempt == 0
+        else f"created trainer pod for attempt {attempt} (resumes from the last checkpoint)"
+    )
     set_condition(st, "Created", True, "PodsCreated", what, now, gen)
     d.events.append(Event("Normal", "PodsCreated", f"{what}: {_pod_name(obs, attempt, 0)}"))
     st["message"] = what
@@ -352,15 +420,25 @@ def _observe_running(st: dict[str, Any], obs: Observed, d: Decision, current: li
     spec = obs.spec
     assert spec is not None
     st["workers"] = [
-        {k: v for k, v in {
-            "name": p.name, "rank": p.rank, "phase": p.phase, "node": p.node, "attempt": p.attempt,
-            "capacityType": obs.nodes[p.node].capacity_type if p.node in obs.nodes else None,
-        }.items() if v is not None}
+        {
+            k: v
+            for k, v in {
+                "name": p.name,
+                "rank": p.rank,
+                "phase": p.phase,
+                "node": p.node,
+                "attempt": p.attempt,
+                "capacityType": obs.nodes[p.node].capacity_type if p.node in obs.nodes else None,
+            }.items()
+            if v is not None
+        }
         for p in current
     ]
     # Pods we are about to create count as recorded too, so their disappearance is noticed.
     for attempt, rank in d.create_pods:
-        st["workers"].append({"name": _pod_name(obs, attempt, rank), "rank": rank, "phase": "Creating", "attempt": attempt})
+        st["workers"].append(
+            {"name": _pod_name(obs, attempt, rank), "rank": rank, "phase": "Creating", "attempt": attempt}
+        )
 
     problems = []
     for p in current:
@@ -369,13 +447,21 @@ def _observe_running(st: dict[str, Any], obs: Observed, d: Decision, current: li
             msg = f"{p.name}: {p.unschedulable}"
             if spec.resources.gpu_type and obs.gpu_type_known is False:
                 reason = "UnknownGPUType"
-                msg = (f"no node has GPU type {spec.resources.gpu_type!r} (resources.gpuType); waiting for such a "
-                       f"node to join. Scheduler: {p.unschedulable}")
+                msg = (
+                    f"no node has GPU type {spec.resources.gpu_type!r} (resources.gpuType); waiting for such a "
+                    f"node to join. Scheduler: {p.unschedulable}"
+                )
             elif spec.capacity.policy == "spot":
                 msg += " (capacity.policy is spot: only spot nodes qualify)"
             problems.append(("Scheduled", reason, msg))
         if p.waiting_reason in WAITING_PROBLEMS:
-            problems.append(("Running", WAITING_PROBLEMS[p.waiting_reason], f"{p.name}: {p.waiting_reason}: {p.waiting_message or ''}".strip()))
+            problems.append(
+                (
+                    "Running",
+                    WAITING_PROBLEMS[p.waiting_reason],
+                    f"{p.name}: {p.waiting_reason}: {p.waiting_message or ''}".strip(),
+                )
+            )
 
     scheduled_problem = next((pr for pr in problems if pr[0] == "Scheduled"), None)
     if scheduled_problem:
@@ -396,7 +482,9 @@ def _observe_running(st: dict[str, Any], obs: Observed, d: Decision, current: li
     elif len(current) == spec.resources.workers and all(p.phase == "Running" for p in current):
         st.setdefault("startTime", rfc3339(now))
         if st.get("phase") != "Running":
-            d.events.append(Event("Normal", "Running", f"{len(current)} worker(s) running (attempt {current[0].attempt})"))
+            d.events.append(
+                Event("Normal", "Running", f"{len(current)} worker(s) running (attempt {current[0].attempt})")
+            )
         st["phase"] = "Running"
         st["message"] = "training"
         set_condition(st, "Running", True, "Running", "all workers are running", now, gen)
@@ -405,7 +493,9 @@ def _observe_running(st: dict[str, Any], obs: Observed, d: Decision, current: li
             set_condition(st, "Preempted", False, "Resumed", f"running again; last: {preempted['message']}", now, gen)
 
 
-def pod_rejected(status: dict[str, Any], message: str, permanent: bool, now: dt.datetime, generation: int | None) -> dict[str, Any]:
+def pod_rejected(
+    status: dict[str, Any], message: str, permanent: bool, now: dt.datetime, generation: int | None
+) -> dict[str, Any]:
     """Status after the API server refused a trainer pod: invalid pass-through fields fail the
     job (retrying cannot help); a quota refusal (403) keeps it Pending with the reason."""
     st = {k: v for k, v in copy.deepcopy(status).items() if k in STATUS_KEYS}

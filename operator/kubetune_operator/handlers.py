@@ -7,6 +7,7 @@ observe.py explains. No timers/daemons and no change-detection handlers: kopf wo
 finalizers and annotations to users' jobs, and a job must stay deletable when the operator is
 gone. The periodic sweep is one asyncio task started here.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,6 +39,7 @@ def context_of(memo: kopf.Memo) -> OperatorContext:
 
 # ---- indexes: in-memory views that kopf fills before any handler runs --------------------
 
+
 @kopf.index("pods", labels={render.LABEL_JOB_UID: kopf.PRESENT})
 def pods_by_job(body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[str, PodView]:
     return {labels[render.LABEL_JOB_UID]: pod_view(body)}
@@ -56,9 +58,18 @@ def jobs_by_key(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tu
 
 # ---- watch events -> one pass ---------------------------------------------------------------
 
+
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-async def job_event(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, jobs_by_key: kopf.Index,
-                    pods_by_job: kopf.Index, nodes_by_name: kopf.Index, **_: Any) -> None:
+async def job_event(
+    event: dict[str, Any],
+    namespace: str,
+    name: str,
+    memo: kopf.Memo,
+    jobs_by_key: kopf.Index,
+    pods_by_job: kopf.Index,
+    nodes_by_name: kopf.Index,
+    **_: Any,
+) -> None:
     ctx = context_of(memo)
     if event.get("type") == "DELETED":
         act.job_gone(ctx, (namespace, name))
@@ -70,13 +81,22 @@ async def job_event(event: dict[str, Any], namespace: str, name: str, memo: kopf
 
 
 @kopf.on.event("pods", labels={render.LABEL_JOB_UID: kopf.PRESENT})
-async def pod_event(labels: kopf.Labels, namespace: str, memo: kopf.Memo, jobs_by_key: kopf.Index,
-                    pods_by_job: kopf.Index, nodes_by_name: kopf.Index, **_: Any) -> None:
-    await reconcile(context_of(memo), Indexes(jobs_by_key, pods_by_job, nodes_by_name), namespace,
-                    labels[render.LABEL_JOB_NAME])
+async def pod_event(
+    labels: kopf.Labels,
+    namespace: str,
+    memo: kopf.Memo,
+    jobs_by_key: kopf.Index,
+    pods_by_job: kopf.Index,
+    nodes_by_name: kopf.Index,
+    **_: Any,
+) -> None:
+    await reconcile(
+        context_of(memo), Indexes(jobs_by_key, pods_by_job, nodes_by_name), namespace, labels[render.LABEL_JOB_NAME]
+    )
 
 
 # ---- lifecycle ------------------------------------------------------------------------------
+
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -88,7 +108,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     if host and token.exists():
         host = f"[{host}]" if ":" in host else host
         return kopf.ConnectionInfo(
-            server=f"https://{host}:{port}", ca_path=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
+            server=f"https://{host}:{port}",
+            ca_path=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
             token=token.read_text().strip(),  # re-read at every login: projected tokens rotate
             default_namespace=(SERVICE_ACCOUNT_DIR / "namespace").read_text().strip(),
         )
@@ -96,8 +117,14 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs_by_key: kopf.Index,
-                  pods_by_job: kopf.Index, nodes_by_name: kopf.Index, **_: Any) -> None:
+async def startup(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    jobs_by_key: kopf.Index,
+    pods_by_job: kopf.Index,
+    nodes_by_name: kopf.Index,
+    **_: Any,
+) -> None:
     """Build the operator context (once), tune kopf, serve /metrics and start the sweep."""
     options: Settings | None = memo.get("settings")  # main() read them from the environment
     if options is None:  # started by `kopf run` instead of main()
@@ -106,7 +133,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, jobs_by_key:
     ctx = OperatorContext.create(options)
     memo["ctx"] = ctx
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetune.io", key="last-handled-configuration")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubetune.io", key="last-handled-configuration"
+    )
     settings.posting.level = logging.WARNING  # kopf's own log lines become Events only when they matter
     settings.execution.max_workers = 32
     settings.watching.server_timeout = 300

@@ -1,6 +1,7 @@
 """The operator's few Kubernetes API calls, each idempotent ("get, else create"; 404 on delete is
 fine). A thin client: observe.py makes the reads, act.py the writes; neither talks to the API
 server any other way."""
+
 from __future__ import annotations
 
 import json

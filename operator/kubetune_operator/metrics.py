@@ -3,6 +3,7 @@ its pods/nodes; the trainer's own metrics come from the trainer pods.
 
 Built at startup (one `OperatorMetrics` in the operator context), each with its own registry, so
 importing this module registers nothing and two operators in one process do not collide."""
+
 from __future__ import annotations
 
 import threading
@@ -34,12 +35,19 @@ class _JobsCollector(Collector):
             jobs = dict(self._jobs)
         phases = GaugeMetricFamily("kubetune_jobs", "FineTuneJobs by phase.", labels=["phase"])
         counts: dict[str, int] = {}
-        info = GaugeMetricFamily("kubetune_job_pod_info", "Worker pods of a job (value 1).",
-                                 labels=["namespace", "job", "pod", "node", "capacity_type"])
+        info = GaugeMetricFamily(
+            "kubetune_job_pod_info",
+            "Worker pods of a job (value 1).",
+            labels=["namespace", "job", "pod", "node", "capacity_type"],
+        )
         gpu_hours = GaugeMetricFamily("kubetune_job_gpu_hours", "GPU-hours used by a job.", labels=["namespace", "job"])
         usd = GaugeMetricFamily("kubetune_job_cost_usd", "Estimated cost of a job in USD.", labels=["namespace", "job"])
-        progress = GaugeMetricFamily("kubetune_job_progress_ratio", "Fraction of steps done (0-1).", labels=["namespace", "job"])
-        job_preemptions = GaugeMetricFamily("kubetune_job_preemptions", "Preemptions a job has absorbed.", labels=["namespace", "job"])
+        progress = GaugeMetricFamily(
+            "kubetune_job_progress_ratio", "Fraction of steps done (0-1).", labels=["namespace", "job"]
+        )
+        job_preemptions = GaugeMetricFamily(
+            "kubetune_job_preemptions", "Preemptions a job has absorbed.", labels=["namespace", "job"]
+        )
         for (ns, name), st in jobs.items():
             phase = st.get("phase") or "Pending"
             counts[phase] = counts.get(phase, 0) + 1
@@ -67,14 +75,20 @@ class OperatorMetrics:
                 registry.register(standard)
         self.registry = r = registry
         self.reconcile_seconds = Histogram(
-            "kubetune_reconcile_duration_seconds", "Time to observe, decide and act for one FineTuneJob.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
+            "kubetune_reconcile_duration_seconds",
+            "Time to observe, decide and act for one FineTuneJob.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
         )
-        self.reconcile_errors = Counter("kubetune_reconcile_errors_total", "Reconciles that raised.", ["kind"], registry=r)
-        self.preemptions = Counter("kubetune_preemptions_total", "Trainer pods lost to preemption.", ["namespace"],
-                                   registry=r)
-        self.restarts = Counter("kubetune_restarts_total", "Attempts restarted after a non-preemption failure.",
-                                ["namespace"], registry=r)
+        self.reconcile_errors = Counter(
+            "kubetune_reconcile_errors_total", "Reconciles that raised.", ["kind"], registry=r
+        )
+        self.preemptions = Counter(
+            "kubetune_preemptions_total", "Trainer pods lost to preemption.", ["namespace"], registry=r
+        )
+        self.restarts = Counter(
+            "kubetune_restarts_total", "Attempts restarted after a non-preemption failure.", ["namespace"], registry=r
+        )
         self.pods_created = Counter("kubetune_pods_created_total", "Trainer pods created.", ["namespace"], registry=r)
         self.jobs = _JobsCollector()
         r.register(self.jobs)

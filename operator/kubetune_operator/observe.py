@@ -6,6 +6,7 @@ each only when needed: a GET of a pod the status records but the index lacks (it
 still be in flight, or another operator instance created it), the credentials Secret and a TCP
 connect to the S3 endpoint before an attempt starts, and rank 0's /progress during a sweep.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ log = logging.getLogger("kubetune.operator")
 
 
 # ---- memory: kopf's indexes and the views they hold ------------------------------------------
+
 
 @dataclass(frozen=True)
 class Indexes:
@@ -119,7 +121,9 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         exit_code=exit_code,
         reason=reason,
         message=message,
-        disruption=(disruption.get("reason") or "DisruptionTarget") if disruption and disruption.get("status") == "True" else None,
+        disruption=(disruption.get("reason") or "DisruptionTarget")
+        if disruption and disruption.get("status") == "True"
+        else None,
         unschedulable=unschedulable,
         waiting_reason=waiting_reason,
         waiting_message=waiting_message,
@@ -141,8 +145,10 @@ def node_view(node: dict[str, Any], settings: Settings) -> NodeView:
 
 # ---- one job's observation --------------------------------------------------------------------
 
-def observe(ctx: OperatorContext, job: dict[str, Any], pods: tuple[PodView, ...], nodes: dict[str, NodeView],
-            poll: bool) -> Observed:
+
+def observe(
+    ctx: OperatorContext, job: dict[str, Any], pods: tuple[PodView, ...], nodes: dict[str, NodeView], poll: bool
+) -> Observed:
     """Everything `decide` may look at for `job`, given its indexed pods and all nodes. `poll`:
     a sweep pass, which also asks the running rank 0 for progress."""
     pods = pods + recorded_but_unseen(ctx.kube, job, pods)
@@ -161,8 +167,15 @@ def observe(ctx: OperatorContext, job: dict[str, Any], pods: tuple[PodView, ...]
         progress = polled_progress(job, pods, attempt)
     settings = ctx.settings
     return Observed(
-        job=job, spec=spec, spec_error=error, now=now, pods=pods, nodes=nodes,
-        preflight_problem=preflight, gpu_type_known=gpu_known, progress=progress,
+        job=job,
+        spec=spec,
+        spec_error=error,
+        now=now,
+        pods=pods,
+        nodes=nodes,
+        preflight_problem=preflight,
+        gpu_type_known=gpu_known,
+        progress=progress,
         gpu_price=lambda node, resources: price_per_hour(settings, node, resources),
     )
 
@@ -210,6 +223,7 @@ def polled_progress(job: dict[str, Any], pods: tuple[PodView, ...], attempt: int
 
 # ---- reads outside the indexes ---------------------------------------------------------------
 
+
 def preflight_problem(ctx: OperatorContext, namespace: str, spec: api.FineTuneJobSpec) -> tuple[str, str] | None:
     """(reason, message) when the job cannot start yet: its Secret or S3 endpoint is unusable."""
     problem = None
@@ -229,13 +243,19 @@ def secret_problem(kube: Kube, namespace: str, ref: SecretKeyRefs) -> tuple[str,
             return None  # not allowed to look: the kubelet will report it if it is really missing
         raise
     if secret is None:
-        return ("SecretNotFound", f"Secret {ref.name!r} (spec.s3.credentialsSecret.name) not found in namespace "
-                f"{namespace!r}; create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
+        return (
+            "SecretNotFound",
+            f"Secret {ref.name!r} (spec.s3.credentialsSecret.name) not found in namespace "
+            f"{namespace!r}; create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}",
+        )
     keys = set((secret.data or {}) | (secret.string_data or {}))
     missing = [k for k in (ref.access_key_id_key, ref.secret_access_key_key) if k not in keys]
     if missing:
-        return ("SecretKeyMissing", f"Secret {ref.name!r} has no key(s) {', '.join(missing)} "
-                f"(spec.s3.credentialsSecret); it has: {', '.join(sorted(keys)) or 'none'}")
+        return (
+            "SecretKeyMissing",
+            f"Secret {ref.name!r} has no key(s) {', '.join(missing)} "
+            f"(spec.s3.credentialsSecret); it has: {', '.join(sorted(keys)) or 'none'}",
+        )
     return None
 
 
@@ -249,8 +269,11 @@ def s3_endpoint_problem(endpoint: str | None, timeout: float = 2.0) -> tuple[str
         with socket.create_connection((url.hostname, port), timeout=timeout):
             return None
     except OSError as e:
-        return ("S3EndpointUnreachable", f"cannot reach spec.s3.endpoint {endpoint} ({e.__class__.__name__}: {e}); "
-                "check the URL, the Service/DNS name and network policies")
+        return (
+            "S3EndpointUnreachable",
+            f"cannot reach spec.s3.endpoint {endpoint} ({e.__class__.__name__}: {e}); "
+            "check the URL, the Service/DNS name and network policies",
+        )
 
 
 def fetch_progress(ip: str, port: int, timeout: float = 2.0) -> dict[str, Any] | None:

@@ -5,6 +5,7 @@ Level-triggered: a watch event of a job or of one of its pods and the sweep all 
 pass, so a missed or duplicated event costs nothing. The sweep is what polls trainer progress,
 accrues cost, and enforces deadlines and TTLs while nothing else changes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,8 +24,9 @@ from .views import NodeView, PodView
 log = logging.getLogger("kubetune.operator")
 
 
-def reconcile_once(ctx: OperatorContext, job: dict[str, Any], pods: tuple[PodView, ...], nodes: dict[str, NodeView],
-                   poll: bool) -> None:
+def reconcile_once(
+    ctx: OperatorContext, job: dict[str, Any], pods: tuple[PodView, ...], nodes: dict[str, NodeView], poll: bool
+) -> None:
     """Decide and act for one job as read. Runs in a worker thread; the caller holds the job's lock."""
     started = time.perf_counter()
     meta = job["metadata"]
@@ -37,8 +39,14 @@ def reconcile_once(ctx: OperatorContext, job: dict[str, Any], pods: tuple[PodVie
     ctx.metrics.reconcile_seconds.observe(time.perf_counter() - started)
 
 
-async def reconcile(ctx: OperatorContext, indexes: observe.Indexes, namespace: str, name: str,
-                    body: dict[str, Any] | None = None, poll: bool = False) -> None:
+async def reconcile(
+    ctx: OperatorContext,
+    indexes: observe.Indexes,
+    namespace: str,
+    name: str,
+    body: dict[str, Any] | None = None,
+    poll: bool = False,
+) -> None:
     """One observe -> decide -> act pass for a job. `body`: the job as just seen (a watch event);
     otherwise the last one seen. On a write conflict, read the job afresh and go again."""
     async with ctx.lock((namespace, name)):  # one pass per job at a time; snapshots are taken on the loop thread

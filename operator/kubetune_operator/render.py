@@ -5,6 +5,7 @@ failure), change placement between attempts (spot -> on-demand fallback) and sta
 only once rank 0 has an address; a Job's pod template is immutable and its retry accounting
 cannot tell a spot reclaim from a crash. See docs/design/operator.md.
 """
+
 from __future__ import annotations
 
 import copy
@@ -96,7 +97,10 @@ def _placement(spec: api.FineTuneJobSpec, settings: Settings, on_demand: bool) -
         tolerations += settings.spot_tolerations
     elif policy == "spot-preferred":
         preferred.append(
-            {"weight": 100, "preference": {"matchExpressions": [{"key": label, "operator": "In", "values": [settings.spot_value]}]}}
+            {
+                "weight": 100,
+                "preference": {"matchExpressions": [{"key": label, "operator": "In", "values": [settings.spot_value]}]},
+            }
         )
         tolerations += settings.spot_tolerations
     else:  # on-demand: anything that is not labelled spot (clusters without the label included)
@@ -163,7 +167,10 @@ def worker_pod(
     ]
     secret = spec.s3.credentials_secret
     if secret:
-        for env_name, key in ((envvars.S3_ACCESS_KEY, secret.access_key_id_key), (envvars.S3_SECRET_KEY, secret.secret_access_key_key)):
+        for env_name, key in (
+            (envvars.S3_ACCESS_KEY, secret.access_key_id_key),
+            (envvars.S3_SECRET_KEY, secret.secret_access_key_key),
+        ):
             env.append({"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
     env += pod_cfg.env or []
 

@@ -1,5 +1,6 @@
 """Operator settings: read once at startup from KUBETUNE_* environment variables (the Helm chart
 sets them from values.yaml). Each field says what it controls."""
+
 from __future__ import annotations
 
 import json
@@ -48,14 +49,15 @@ class Settings(BaseModel):
     cpu_hour_price: float = Field(0.04, ge=0, description="USD per vCPU-hour, for CPU-only jobs.")
     progress_poll_seconds: float = Field(10.0, gt=0, description="How often running trainers are asked for progress.")
     preflight_s3_endpoint: bool = Field(
-        True, description="TCP-check spec.s3.endpoint before creating pods (turn off when the operator cannot "
-        "reach the network the trainers use)."
+        True,
+        description="TCP-check spec.s3.endpoint before creating pods (turn off when the operator cannot "
+        "reach the network the trainers use).",
     )
     metrics_port: int = Field(8080, description="Operator /metrics port (0 disables).")
     health_port: int = Field(8081, description="Liveness probe port (/healthz).")
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name, field in cls.model_fields.items():

@@ -4,6 +4,7 @@
 
 `python -m kubetune_operator.crdgen` writes these with the CRD and `--check` fails on their drift.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,20 @@ CHART_YAML_PATH = CHART / "Chart.yaml"
 PYPROJECT_PATH = REPO / "pyproject.toml"
 WIDTH = 120
 
-_COPY = ("description", "type", "enum", "minLength", "maxLength", "pattern", "minimum", "maximum",
-         "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems")
+_COPY = (
+    "description",
+    "type",
+    "enum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minItems",
+    "maxItems",
+)
 
 
 def project_version() -> str:

@@ -3,6 +3,7 @@
 `observe` builds these from the Kubernetes objects; `decide` and `cost` only read them. Frozen
 dataclasses with no behaviour beyond `current_attempt`, the one derived fact both sides need.
 """
+
 from __future__ import annotations
 
 import datetime as dt

@@ -1,4 +1,5 @@
 """Creating and reading FineTuneJobs in tests (the manifests come from kubetune_dev.jobs)."""
+
 from __future__ import annotations
 
 from typing import Any

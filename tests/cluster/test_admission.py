@@ -1,4 +1,5 @@
 """Specs that break the schema are refused by the real API server, naming the field."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,10 @@ MALFORMED = [
     ({"training": {"deepspeed": "zero3"}}, "training.deepspeed needs resources.gpus > 0"),
     ({"resources": {"cpu": "lots"}}, "spec.resources.cpu: Invalid value"),
     ({"s3": {"endpoint": "minio:9000"}}, "spec.s3.endpoint: Invalid value"),
-    ({"capacity": {"policy": "on-demand", "fallbackToOnDemand": True}}, "fallbackToOnDemand only applies to spot policies"),
+    (
+        {"capacity": {"policy": "on-demand", "fallbackToOnDemand": True}},
+        "fallbackToOnDemand only applies to spot policies",
+    ),
     ({"training": {"learningRate": 0}}, "spec.training.learningRate: Invalid value"),
     ({"training": {"maxSteps": "ten"}}, "spec.training.maxSteps: Invalid value"),
     ({"resources": {"workers": 0}}, "spec.resources.workers: Invalid value"),
@@ -51,10 +55,14 @@ def test_unknown_field_is_rejected_with_strict_validation(kube_api, crd, namespa
     job["spec"]["trainnig"] = {"maxSteps": 5}  # a typo must not be silently dropped
     with pytest.raises(ApiException) as err:
         kube_api.call_api(
-            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", "POST",
-            query_params=[("fieldValidation", "Strict")], body=job,
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}",
+            "POST",
+            query_params=[("fieldValidation", "Strict")],
+            body=job,
             header_params={"Content-Type": "application/json", "Accept": "application/json"},
-            auth_settings=["BearerToken"], response_type="object", _return_http_data_only=True,
+            auth_settings=["BearerToken"],
+            response_type="object",
+            _return_http_data_only=True,
         )
     assert err.value.status == 400
     assert 'unknown field "spec.trainnig"' in json.loads(err.value.body)["message"]
@@ -77,8 +85,12 @@ def test_printer_columns(cluster, crd, namespace, kube_api):
     from kubetune_dev.versions import binary
 
     Jobs(kube_api, namespace).create(job_manifest(name="printed"))
-    out = subprocess.run([str(binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig), "-n", namespace,
-                          "get", "ftj"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig), "-n", namespace, "get", "ftj"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     header = out.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "MODEL", "METHOD", "PROGRESS", "PREEMPTIONS", "COST", "AGE"]
     assert "printed" in out and "s3://kubetune-demo/models/tiny-llama" in out and "lora" in out

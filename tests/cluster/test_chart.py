@@ -1,5 +1,6 @@
 """The Helm chart, with the real `helm`, against the real API server; and the operator running
 under the chart's own ServiceAccount, so a gap in its least-privilege RBAC fails a test."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,10 @@ import kubernetes
 import pytest
 import yaml
 
-from kubetune_operator import crdgen
 from kubetune_contract.progress import ProgressRecord
 from kubetune_dev.jobs import job_manifest
 from kubetune_dev.versions import binary
+from kubetune_operator import crdgen
 from tests.fixtures.control_plane import run_operator, wait_for
 
 from .jobs import Jobs
@@ -34,7 +35,14 @@ def test_chart_lints_and_renders_the_generated_crd():
     assert "0 chart(s) failed" in helm("lint", str(CHART), "--strict").stdout
     docs = [d for d in yaml.safe_load_all(helm("template", "kt", str(CHART), "-n", "kubetune-system").stdout) if d]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Service", "ServiceAccount"]
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
     rendered = next(d for d in docs if d["kind"] == "CustomResourceDefinition")
     assert rendered["spec"] == crdgen.crd()["spec"]
     assert rendered["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
@@ -49,10 +57,21 @@ def test_values_schema_rejects_unknown_keys_and_bad_types():
     assert bad.returncode != 0 and "imagee" in bad.stderr
     bad = helm("template", "kt", str(CHART), "--set", "progressPollSeconds=0", check=False)
     assert bad.returncode != 0 and "progressPollSeconds" in bad.stderr
-    ok = helm("template", "kt", str(CHART), "--set", "crds.enabled=false", "--set-json",
-              'cost.gpuPrices={"NVIDIA-L4":{"on-demand":0.7,"spot":0.3}}')
-    env = {e["name"]: e.get("value") for d in yaml.safe_load_all(ok.stdout) if d and d["kind"] == "Deployment"
-           for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ok = helm(
+        "template",
+        "kt",
+        str(CHART),
+        "--set",
+        "crds.enabled=false",
+        "--set-json",
+        'cost.gpuPrices={"NVIDIA-L4":{"on-demand":0.7,"spot":0.3}}',
+    )
+    env = {
+        e["name"]: e.get("value")
+        for d in yaml.safe_load_all(ok.stdout)
+        if d and d["kind"] == "Deployment"
+        for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert json.loads(env["KUBETUNE_GPU_PRICES"]) == {"NVIDIA-L4": {"on-demand": 0.7, "spot": 0.3}}
     assert "CustomResourceDefinition" not in ok.stdout
 
@@ -62,13 +81,24 @@ def chart_operator_kubeconfig(cluster, crd, kube_api, tmp_path_factory) -> Path:
     """`helm install` the chart (CRD already installed), then a kubeconfig that authenticates as
     the chart's ServiceAccount, with a token from the TokenRequest API."""
     core = kubernetes.client.CoreV1Api(kube_api)
-    out = helm("install", "kt", str(CHART), "-n", "kubetune-system", "--create-namespace", "--set", "crds.enabled=false",
-               "--wait=false", kubeconfig=cluster.kubeconfig)
+    out = helm(
+        "install",
+        "kt",
+        str(CHART),
+        "-n",
+        "kubetune-system",
+        "--create-namespace",
+        "--set",
+        "crds.enabled=false",
+        "--wait=false",
+        kubeconfig=cluster.kubeconfig,
+    )
     assert "STATUS: deployed" in out.stdout
     sa = "kt-operator"
     wait_for(lambda: core.read_namespaced_service_account(sa, "kubetune-system"), what="operator ServiceAccount")
     token = core.create_namespaced_service_account_token(
-        sa, "kubetune-system", {"spec": {"expirationSeconds": 7200}}).status.token
+        sa, "kubetune-system", {"spec": {"expirationSeconds": 7200}}
+    ).status.token
     admin = json.loads(Path(cluster.kubeconfig).read_text())
     admin["users"] = [{"name": sa, "user": {"token": token}}]
     admin["contexts"][0]["context"]["user"] = sa
@@ -78,25 +108,38 @@ def chart_operator_kubeconfig(cluster, crd, kube_api, tmp_path_factory) -> Path:
     helm("uninstall", "kt", "-n", "kubetune-system", kubeconfig=cluster.kubeconfig, check=False)
 
 
-def test_operator_works_under_the_charts_rbac(cluster, kube_api, namespace, spec, fake_nodes, chart_operator_kubeconfig):
+def test_operator_works_under_the_charts_rbac(
+    cluster, kube_api, namespace, spec, fake_nodes, chart_operator_kubeconfig
+):
     jobs = Jobs(kube_api, namespace)
     jobs.secret()
     fake_nodes(spot=True)
-    with run_operator(cluster, {"KUBECONFIG": str(chart_operator_kubeconfig), "KUBETUNE_PROGRESS_POLL_SECONDS": "1"}) as op:
+    with run_operator(
+        cluster, {"KUBECONFIG": str(chart_operator_kubeconfig), "KUBETUNE_PROGRESS_POLL_SECONDS": "1"}
+    ) as op:
         jobs.create(job_manifest(name="rbac", runPolicy={"ttlSecondsAfterFinished": 1}, **spec))
         running_pod(jobs, "rbac")
         evict(jobs, "rbac-a0-w0")
         running_pod(jobs, "rbac", attempt=1)
         finish_pod(jobs, "rbac-a1-w0", 0, ProgressRecord(phase="done", step=120, total_steps=120))
         # Status, events, ConfigMap, Secret check, pod create/delete and the TTL delete all passed RBAC.
-        wait_for(lambda: "rbac" not in [j["metadata"]["name"] for j in
-                                        jobs.custom.list_namespaced_custom_object("kubetune.io", "v1alpha1", jobs.ns,
-                                                                                  "finetunejobs")["items"]],
-                 timeout=30, what="job done and deleted by its TTL")
+        wait_for(
+            lambda: (
+                "rbac"
+                not in [
+                    j["metadata"]["name"]
+                    for j in jobs.custom.list_namespaced_custom_object(
+                        "kubetune.io", "v1alpha1", jobs.ns, "finetunejobs"
+                    )["items"]
+                ]
+            ),
+            timeout=30,
+            what="job done and deleted by its TTL",
+        )
         reasons = {e.reason for e in jobs.events("rbac")}
         assert {"PodsCreated", "Preempted"} <= reasons
     log = op.log_text()
     # RBAC denials name the identity ("User ... cannot ..."); other tests' namespaces being
     # deleted also answer 403, for Events, and are no RBAC gap.
-    assert "system:serviceaccount:kubetune-system:kt-operator\" cannot" not in log, log[-3000:]
+    assert 'system:serviceaccount:kubetune-system:kt-operator" cannot' not in log, log[-3000:]
     assert not op.tracebacks()

@@ -1,21 +1,20 @@
 """The real operator against a real API server, scheduler and controllers; kwok plays the
 kubelets of fake (spot, GPU) nodes, and the tests play the trainer's exits where they must."""
+
 from __future__ import annotations
 
 import datetime as dt
-import json
 import socket
 import threading
 import time
 
-import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
 from kubetune_contract.config import TrainerConfig
 from kubetune_contract.progress import ExitCode, ProgressRecord
 from kubetune_dev.jobs import job_manifest
-from tests.fixtures.control_plane import run_operator, wait_for
+from tests.fixtures.control_plane import wait_for
 
 from .jobs import Jobs
 
@@ -61,20 +60,40 @@ def spec(s3_port):
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def finish_pod(jobs: Jobs, pod: str, exit_code: int, record: ProgressRecord | None = None, reason: str | None = None) -> None:
+def finish_pod(
+    jobs: Jobs, pod: str, exit_code: int, record: ProgressRecord | None = None, reason: str | None = None
+) -> None:
     """What the kubelet reports when the trainer container exits."""
-    term = {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"),
-            "startedAt": now(), "finishedAt": now()}
+    term = {
+        "exitCode": exit_code,
+        "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+        "startedAt": now(),
+        "finishedAt": now(),
+    }
     if record is not None:
         term["message"] = record.model_dump_json(by_alias=True, exclude_none=True)
-    jobs.core.patch_namespaced_pod_status(pod, jobs.ns, {"status": {
-        "phase": "Succeeded" if exit_code == 0 else "Failed",
-        "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "image": "trainer",
-                               "imageID": "", "state": {"terminated": term}}],
-    }})
+    jobs.core.patch_namespaced_pod_status(
+        pod,
+        jobs.ns,
+        {
+            "status": {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "containerStatuses": [
+                    {
+                        "name": "trainer",
+                        "ready": False,
+                        "restartCount": 0,
+                        "image": "trainer",
+                        "imageID": "",
+                        "state": {"terminated": term},
+                    }
+                ],
+            }
+        },
+    )
 
 
 def pod_names(jobs: Jobs, name: str) -> list[str]:
@@ -90,7 +109,9 @@ def running_pod(jobs: Jobs, name: str, attempt: int = 0, rank: int = 0):
 
     def is_running():
         pod = next((p for p in jobs.pods(name) if p.metadata.name == pod_name), None)
-        return pod if pod is not None and pod.status.phase == "Running" and not pod.metadata.deletion_timestamp else None
+        return (
+            pod if pod is not None and pod.status.phase == "Running" and not pod.metadata.deletion_timestamp else None
+        )
 
     return wait_for(is_running, timeout=30, what=f"{pod_name} Running")
 
@@ -101,17 +122,27 @@ def evict(jobs: Jobs, pod: str) -> None:
 
 # ---- the happy path ------------------------------------------------------------------------
 
+
 def test_job_gets_an_owned_trainer_pod_and_config(jobs, spec, fake_nodes):
     node = fake_nodes(spot=True)
     job = jobs.create(job_manifest(name="happy", **spec))
     pod = running_pod(jobs, "happy")
 
     owner = pod.metadata.owner_references[0]
-    assert (owner.kind, owner.name, owner.uid, owner.controller) == ("FineTuneJob", "happy", job["metadata"]["uid"], True)
+    assert (owner.kind, owner.name, owner.uid, owner.controller) == (
+        "FineTuneJob",
+        "happy",
+        job["metadata"]["uid"],
+        True,
+    )
     assert pod.spec.node_name == node and pod.spec.restart_policy == "Never"
     env = {e.name: e.value for e in pod.spec.containers[0].env}
     assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["KUBETUNE_ATTEMPT"] == "0"
-    secret_env = {e.name: e.value_from.secret_key_ref.name for e in pod.spec.containers[0].env if e.value_from and e.value_from.secret_key_ref}
+    secret_env = {
+        e.name: e.value_from.secret_key_ref.name
+        for e in pod.spec.containers[0].env
+        if e.value_from and e.value_from.secret_key_ref
+    }
     assert secret_env == {"AWS_ACCESS_KEY_ID": "s3-creds", "AWS_SECRET_ACCESS_KEY": "s3-creds"}
     assert pod.spec.termination_grace_period_seconds == 30
 
@@ -123,14 +154,21 @@ def test_job_gets_an_owned_trainer_pod_and_config(jobs, spec, fake_nodes):
 
     wait_for(lambda: phase(jobs, "happy") == "Running", what="job Running")
     st = jobs.status("happy")
-    assert st["workers"] == [{"name": "happy-a0-w0", "rank": 0, "phase": "Running", "node": node, "attempt": 0,
-                              "capacityType": "spot"}]
+    assert st["workers"] == [
+        {"name": "happy-a0-w0", "rank": 0, "phase": "Running", "node": node, "attempt": 0, "capacityType": "spot"}
+    ]
     assert st["startTime"] and st["observedGeneration"] == 1
-    assert {c["type"]: c["status"] for c in st["conditions"]}.items() >= {"Created": "True", "Running": "True", "Ready": "True"}.items()
+    assert {c["type"]: c["status"] for c in st["conditions"]}.items() >= {
+        "Created": "True",
+        "Running": "True",
+        "Ready": "True",
+    }.items()
     reasons = {e.reason for e in jobs.events("happy")}
     assert {"PodsCreated", "Running"} <= reasons
 
-    record = ProgressRecord(phase="done", step=120, total_steps=120, loss=1.25, output_uri="s3://kubetune-demo/outputs/x/happy")
+    record = ProgressRecord(
+        phase="done", step=120, total_steps=120, loss=1.25, output_uri="s3://kubetune-demo/outputs/x/happy"
+    )
     finish_pod(jobs, "happy-a0-w0", 0, record)
     wait_for(lambda: phase(jobs, "happy") == "Succeeded", what="job Succeeded")
     st = jobs.status("happy")
@@ -143,6 +181,7 @@ def test_job_gets_an_owned_trainer_pod_and_config(jobs, spec, fake_nodes):
 
 
 # ---- preemption ----------------------------------------------------------------------------
+
 
 def test_eviction_is_a_preemption_and_a_new_pod_resumes(jobs, spec, fake_nodes):
     fake_nodes(spot=True)
@@ -182,7 +221,12 @@ def test_deleting_the_node_is_a_preemption(jobs, spec, fake_nodes):
     fake_nodes(spot=True)  # somewhere to go
     jobs.core.delete_node(node)  # the cloud took the VM back
     # The pod garbage collector removes pods bound to a vanished node (after its quarantine).
-    wait_for(lambda: jobs.status("nodegone").get("preemptions") == 1, timeout=150, interval=1, what="preemption after node deletion")
+    wait_for(
+        lambda: jobs.status("nodegone").get("preemptions") == 1,
+        timeout=150,
+        interval=1,
+        what="preemption after node deletion",
+    )
     new = running_pod(jobs, "nodegone", attempt=1)
     assert new.spec.node_name != node
 
@@ -190,7 +234,11 @@ def test_deleting_the_node_is_a_preemption(jobs, spec, fake_nodes):
 def test_too_many_preemptions_fall_back_to_on_demand(jobs, spec, fake_nodes):
     fake_nodes(spot=True)
     on_demand = fake_nodes(spot=False)
-    jobs.create(job_manifest(name="fallback", capacity={"policy": "spot", "maxPreemptions": 0, "fallbackToOnDemand": True}, **spec))
+    jobs.create(
+        job_manifest(
+            name="fallback", capacity={"policy": "spot", "maxPreemptions": 0, "fallbackToOnDemand": True}, **spec
+        )
+    )
     first = running_pod(jobs, "fallback")
     assert first.spec.node_name != on_demand  # spot only
     evict(jobs, "fallback-a0-w0")
@@ -214,11 +262,15 @@ def test_too_many_preemptions_fail_without_fallback(jobs, spec, fake_nodes):
 
 # ---- failures -----------------------------------------------------------------------------
 
+
 def test_user_error_fails_the_job_without_retry(jobs, spec, fake_nodes):
     fake_nodes()
     jobs.create(job_manifest(name="baddata", **spec))
     running_pod(jobs, "baddata")
-    why = "dataset s3://kubetune-demo/datasets/instructions.jsonl line 3: invalid JSON; 40% bad records > maxBadRecordFraction 0"
+    why = (
+        "dataset s3://kubetune-demo/datasets/instructions.jsonl line 3: invalid JSON; "
+        "40% bad records > maxBadRecordFraction 0"
+    )
     finish_pod(jobs, "baddata-a0-w0", ExitCode.USER_ERROR, ProgressRecord(phase="failed", message=why))
     wait_for(lambda: phase(jobs, "baddata") == "Failed", what="Failed")
     failed = jobs.condition("baddata", "Failed")
@@ -243,22 +295,29 @@ def test_infrastructure_failures_retry_up_to_the_backoff_limit(jobs, spec, fake_
 
 # ---- bad input that passes the schema -----------------------------------------------------
 
+
 def test_missing_secret_waits_with_a_reason_then_starts(kube_api, namespace, operator, spec):
     jobs = Jobs(kube_api, namespace)
     jobs.create(job_manifest(name="nosecret", **spec))
-    wait_for(lambda: (jobs.condition("nosecret", "Ready") or {}).get("reason") == "SecretNotFound", what="SecretNotFound")
+    wait_for(
+        lambda: (jobs.condition("nosecret", "Ready") or {}).get("reason") == "SecretNotFound", what="SecretNotFound"
+    )
     ready = jobs.condition("nosecret", "Ready")
     assert "Secret 's3-creds'" in ready["message"] and "spec.s3.credentialsSecret.name" in ready["message"]
     assert phase(jobs, "nosecret") == "Pending" and pod_names(jobs, "nosecret") == []
     jobs.secret()
-    wait_for(lambda: pod_names(jobs, "nosecret") == ["nosecret-a0-w0"], timeout=20, what="pod after the Secret appeared")
+    wait_for(
+        lambda: pod_names(jobs, "nosecret") == ["nosecret-a0-w0"], timeout=20, what="pod after the Secret appeared"
+    )
 
 
 def test_secret_without_the_keys_says_which(kube_api, namespace, operator, spec):
     jobs = Jobs(kube_api, namespace)
     jobs.secret(accesskey="x", secretkey="y")
     jobs.create(job_manifest(name="badkeys", **spec))
-    wait_for(lambda: (jobs.condition("badkeys", "Ready") or {}).get("reason") == "SecretKeyMissing", what="SecretKeyMissing")
+    wait_for(
+        lambda: (jobs.condition("badkeys", "Ready") or {}).get("reason") == "SecretKeyMissing", what="SecretKeyMissing"
+    )
     assert "AWS_ACCESS_KEY_ID" in jobs.condition("badkeys", "Ready")["message"]
 
 
@@ -267,7 +326,10 @@ def test_unreachable_s3_endpoint_waits_with_a_reason(jobs):
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     jobs.create(job_manifest(name="nos3", s3={"endpoint": f"http://127.0.0.1:{closed}"}))
-    wait_for(lambda: (jobs.condition("nos3", "Ready") or {}).get("reason") == "S3EndpointUnreachable", what="S3EndpointUnreachable")
+    wait_for(
+        lambda: (jobs.condition("nos3", "Ready") or {}).get("reason") == "S3EndpointUnreachable",
+        what="S3EndpointUnreachable",
+    )
     assert f"127.0.0.1:{closed}" in jobs.condition("nos3", "Ready")["message"]
     assert pod_names(jobs, "nos3") == []
 
@@ -275,7 +337,9 @@ def test_unreachable_s3_endpoint_waits_with_a_reason(jobs):
 def test_unknown_gpu_type_is_named(jobs, spec, fake_nodes):
     fake_nodes(gpus=8, gpu_type="NVIDIA-A100-SXM4-80GB")
     jobs.create(job_manifest(name="gpuz", resources={"gpus": 1, "gpuType": "NVIDIA-Z9000"}, **spec))
-    wait_for(lambda: (jobs.condition("gpuz", "Scheduled") or {}).get("reason") == "UnknownGPUType", what="UnknownGPUType")
+    wait_for(
+        lambda: (jobs.condition("gpuz", "Scheduled") or {}).get("reason") == "UnknownGPUType", what="UnknownGPUType"
+    )
     assert "NVIDIA-Z9000" in jobs.condition("gpuz", "Scheduled")["message"]
     assert phase(jobs, "gpuz") == "Pending"
 
@@ -297,6 +361,7 @@ def test_rejected_pod_fails_the_job_with_the_api_message(jobs, spec):
 
 
 # ---- lifecycle ----------------------------------------------------------------------------
+
 
 def test_multi_worker_ranks_find_rank_zero(jobs, spec, fake_nodes):
     fake_nodes()

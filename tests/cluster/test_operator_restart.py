@@ -1,4 +1,5 @@
 """Restarting the operator at any moment neither duplicates nor loses pods or counts."""
+
 from __future__ import annotations
 
 import time

@@ -5,17 +5,16 @@ operator runs in-cluster from the Helm chart, under its own ServiceAccount.
 They boot their own stack (kubetune_dev.stack). hack/kind-e2e.sh runs the same module against
 a kind cluster by setting KUBETUNE_E2E_KUBECONFIG.
 """
+
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
 
 import kubernetes
 import pytest
 import yaml
-from kubernetes.client.rest import ApiException
 
 from kubetune_dev.controlplane import create_namespace
 from kubetune_dev.stack import LocalStack, default_state_dir
@@ -56,7 +55,7 @@ class Job:
         self.custom = kubernetes.client.CustomObjectsApi(api)
         self.core = kubernetes.client.CoreV1Api(api)
 
-    def create(self, **spec) -> "Job":
+    def create(self, **spec) -> Job:
         job = yaml.safe_load((REPO / "manifests" / "examples" / "cpu-lora-tiny.yaml").read_text())
         job["metadata"] = {"name": self.name}
         job["spec"]["s3"]["endpoint"] = self.stack.minio.endpoint
@@ -124,7 +123,9 @@ def test_spot_eviction_resumes_from_the_checkpoint_and_succeeds(stack, ns):
     assert any(k.endswith("adapter_model.safetensors") for k in keys), keys
     # The SIGTERM checkpoint is the one it resumed from: no step was trained twice.
     prefix = f"s3://kubetune-demo/checkpoints/{ns}/evicted/checkpoints/"
-    steps = sorted(int(k.rsplit("step-", 1)[1].split("/")[0]) for k in job.objects(prefix) if k.endswith("MANIFEST.json"))
+    steps = sorted(
+        int(k.rsplit("step-", 1)[1].split("/")[0]) for k in job.objects(prefix) if k.endswith("MANIFEST.json")
+    )
     assert st["progress"]["resumedFromStep"] in steps or st["progress"]["resumedFromStep"] <= max(steps)
 
 

@@ -1,4 +1,5 @@
 """CheckpointStore and kubetune_trainer.s3 against a real MinIO server."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,13 +13,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kubetune_trainer import s3
-from kubetune_trainer.checkpoint import MANIFEST, CheckpointInfo, CheckpointStore, sha256_file
 from kubetune_contract.config import S3Spec
 from kubetune_contract.progress import ExitCode
-from kubetune_trainer.errors import CorruptCheckpoint, RetriableError, UserError
 from kubetune_dev.procs import free_port
 from kubetune_dev.s3server import MinioServer
+from kubetune_trainer import s3
+from kubetune_trainer.checkpoint import MANIFEST, CheckpointInfo, CheckpointStore, sha256_file
+from kubetune_trainer.errors import CorruptCheckpoint, RetriableError, UserError
 
 MB = 1024 * 1024
 
@@ -50,8 +51,11 @@ def metric(registry: CollectorRegistry, name: str, labels: dict | None = None) -
 # ------------------------------------------------------------------ pure: manifest validation
 def test_manifest_rejects_unsafe_and_inconsistent_entries() -> None:
     good = {
-        "format": "kubetune-checkpoint/v1", "step": 5, "time": "2026-11-22T00:00:00.000Z",
-        "files": {"a.bin": {"size": 3, "sha256": "0" * 64}}, "meta": {},
+        "format": "kubetune-checkpoint/v1",
+        "step": 5,
+        "time": "2026-11-22T00:00:00.000Z",
+        "files": {"a.bin": {"size": 3, "sha256": "0" * 64}},
+        "meta": {},
     }
     info = CheckpointInfo.from_manifest(json.dumps(good).encode(), uri="s3://b/p/step-000000005", expected_step=5)
     assert info.files["a.bin"].size == 3
@@ -227,8 +231,9 @@ def test_resave_of_a_step_replaces_leftovers(minio: MinioServer, minio_bucket: s
 # ----------------------------------------------------------------------------- fail fast
 @pytest.mark.s3
 def test_missing_bucket_is_a_user_error(minio: MinioServer, tmp_path: Path) -> None:
-    store = CheckpointStore("s3://no-such-bucket-kt/jobs/ns/job", minio.s3_spec(), 3, client=minio.client(),
-                            registry=CollectorRegistry())
+    store = CheckpointStore(
+        "s3://no-such-bucket-kt/jobs/ns/job", minio.s3_spec(), 3, client=minio.client(), registry=CollectorRegistry()
+    )
     with pytest.raises(UserError) as ei:
         store.check_access()
     msg = str(ei.value)
@@ -257,7 +262,9 @@ def test_bad_credentials_are_a_user_error(minio: MinioServer, minio_bucket: str,
 
 
 @pytest.mark.s3
-def test_credentials_from_the_environment(minio: MinioServer, minio_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_from_the_environment(
+    minio: MinioServer, minio_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for k, v in minio.env().items():
         monkeypatch.setenv(k, v)
     s3.check_access(s3.make_client(minio.s3_spec()), f"s3://{minio_bucket}/x", write=True)
@@ -268,7 +275,9 @@ def test_credentials_from_the_environment(minio: MinioServer, minio_bucket: str,
 
 def test_unreachable_endpoint(tmp_path: Path) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    client = s3.make_client(S3Spec(endpoint=endpoint), access_key="a", secret_key="b", max_attempts=2, connect_timeout=1)
+    client = s3.make_client(
+        S3Spec(endpoint=endpoint), access_key="a", secret_key="b", max_attempts=2, connect_timeout=1
+    )
     store = CheckpointStore("s3://bkt/jobs/ns/job", None, 3, client=client, registry=CollectorRegistry())
     t0 = time.monotonic()
     with pytest.raises(UserError) as ei:

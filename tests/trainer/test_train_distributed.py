@@ -1,6 +1,7 @@
 """Two trainer processes (WORLD_SIZE=2, gloo on 127.0.0.1) train as one job: rank 0 alone logs
 progress and uploads; both checkpoint at the same steps; a SIGTERM to rank 1 alone stops both at
 the same step with one durable checkpoint; restarted, they resume together and finish."""
+
 import signal
 
 import pytest
@@ -17,16 +18,32 @@ pytestmark = pytest.mark.s3
 def test_two_gloo_ranks_checkpoint_once_and_stop_together(tmp_path, minio, tiny_model_dir):
     bucket = minio.make_bucket()
     data = write_jsonl(tmp_path / "train.jsonl", instruction_records(80, seed=3))
-    cfg = trainer_config(bucket=bucket, endpoint=minio.endpoint, model_dir=tiny_model_dir, data_uri=str(data),
-                         name="ddp", workers=2, training={"maxSteps": 12, "batchSize": 2},
-                         checkpoints={"everySteps": 3})
+    cfg = trainer_config(
+        bucket=bucket,
+        endpoint=minio.endpoint,
+        model_dir=tiny_model_dir,
+        data_uri=str(data),
+        name="ddp",
+        workers=2,
+        training={"maxSteps": 12, "batchSize": 2},
+        checkpoints={"everySteps": 3},
+    )
 
     def launch(attempt, **extra):
         port = free_port()
         procs, logs_ = [], []
         for rank in (0, 1):
-            env = trainer_env(tmp_path / f"a{attempt}-r{rank}", cfg, minio.env(), RANK=rank, WORLD_SIZE=2,
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=port, KUBETUNE_DIST_TIMEOUT_SECONDS=120, **extra)
+            env = trainer_env(
+                tmp_path / f"a{attempt}-r{rank}",
+                cfg,
+                minio.env(),
+                RANK=rank,
+                WORLD_SIZE=2,
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                KUBETUNE_DIST_TIMEOUT_SECONDS=120,
+                **extra,
+            )
             log = tmp_path / f"a{attempt}-r{rank}.log"
             procs.append(start_trainer(env, log))
             logs_.append(log)
@@ -42,8 +59,9 @@ def test_two_gloo_ranks_checkpoint_once_and_stop_together(tmp_path, minio, tiny_
     stopped = next(e for e in r0 if e["event"] == "preempted")["step"]
     assert 4 <= stopped < 12
     saves = [(e["step"], e["reason"]) for e in r0 if e["event"] == "checkpoint_saved_locally"]
-    assert saves == [(s, "interval") for s in range(3, stopped + 1, 3) if s != stopped] + [(stopped, "sigterm")] or \
-        saves == [(s, "interval") for s in range(3, stopped + 1, 3)]
+    assert saves == [(s, "interval") for s in range(3, stopped + 1, 3) if s != stopped] + [
+        (stopped, "sigterm")
+    ] or saves == [(s, "interval") for s in range(3, stopped + 1, 3)]
     assert not [e for e in r1 if e["event"].startswith("checkpoint")]  # only rank 0 uploads
     assert not [e for e in r1 if e["event"] == "step"]  # progress lines from rank 0 only
     assert [e for e in r1 if e["event"] == "signal_received"] and not [e for e in r0 if e["event"] == "signal_received"]

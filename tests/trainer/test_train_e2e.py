@@ -1,13 +1,14 @@
 """The trainer end to end, in-process, against a real MinIO: learning, output, fail-fast exits."""
+
 import json
 import time
 
 import pytest
 
-from kubetune_trainer.__main__ import main
 from kubetune_contract.progress import ExitCode, ProgressRecord
 from kubetune_dev.tiny_model import instruction_records, write_jsonl
 from kubetune_dev.trainer_inputs import trainer_config
+from kubetune_trainer.__main__ import main
 from tests.fixtures.tiny_model import events
 
 pytestmark = pytest.mark.s3
@@ -39,15 +40,29 @@ def data_file(tmp_path):
     return write_jsonl(tmp_path / "data" / "train.jsonl", instruction_records(160, seed=1))
 
 
-def test_lora_learns_and_publishes_adapter_with_model_card(tmp_path, monkeypatch, capsys, minio, tiny_model_dir, data_file):
+def test_lora_learns_and_publishes_adapter_with_model_card(
+    tmp_path, monkeypatch, capsys, minio, tiny_model_dir, data_file
+):
     bucket = minio.make_bucket()
-    cfg = trainer_config(bucket=bucket, endpoint=minio.endpoint, model_dir=tiny_model_dir, data_uri=str(data_file),
-                         name="learn", training={"maxSteps": 30, "learningRate": 0.01, "loggingSteps": 5,
-                                                 "lrScheduler": "cosine", "warmupRatio": 0.1,
-                                                 "gradientCheckpointing": True},
-                         lora={"r": 16, "alpha": 32, "dropout": 0.0},
-                         dataset={"validationSplit": 0.1}, checkpoints={"everySteps": 10},
-                         output={"mergeWeights": True})
+    cfg = trainer_config(
+        bucket=bucket,
+        endpoint=minio.endpoint,
+        model_dir=tiny_model_dir,
+        data_uri=str(data_file),
+        name="learn",
+        training={
+            "maxSteps": 30,
+            "learningRate": 0.01,
+            "loggingSteps": 5,
+            "lrScheduler": "cosine",
+            "warmupRatio": 0.1,
+            "gradientCheckpointing": True,
+        },
+        lora={"r": 16, "alpha": 32, "dropout": 0.0},
+        dataset={"validationSplit": 0.1},
+        checkpoints={"everySteps": 10},
+        output={"mergeWeights": True},
+    )
     rc, _, log, rec = _run(tmp_path, monkeypatch, cfg, minio.env(), capsys)
     assert rc == ExitCode.SUCCESS, log.read_text()[-3000:]
     steps = events(log, "step")
@@ -61,8 +76,14 @@ def test_lora_learns_and_publishes_adapter_with_model_card(tmp_path, monkeypatch
     # the output: adapter + tokenizer + model card
     c = minio.client()
     keys = {o["Key"] for o in c.list_objects_v2(Bucket=bucket, Prefix="output/ns/learn/")["Contents"]}
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "model_card.json",
-                 "merged/model.safetensors", "merged/config.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "model_card.json",
+        "merged/model.safetensors",
+        "merged/config.json",
+    ):
         assert f"output/ns/learn/{name}" in keys
     card = json.loads(c.get_object(Bucket=bucket, Key="output/ns/learn/model_card.json")["Body"].read())
     import hashlib
@@ -88,20 +109,31 @@ def test_lora_learns_and_publishes_adapter_with_model_card(tmp_path, monkeypatch
     assert all(line.startswith("{") for line in log.read_text().splitlines() if line.strip())
 
 
-def test_full_fine_tuning_writes_the_whole_model_and_checkpoints_by_time(tmp_path, monkeypatch, capsys, minio,
-                                                                          tiny_model_dir, data_file):
+def test_full_fine_tuning_writes_the_whole_model_and_checkpoints_by_time(
+    tmp_path, monkeypatch, capsys, minio, tiny_model_dir, data_file
+):
     """method=full writes the whole model (mergeWeights is a no-op for it); everyMinutes alone
     triggers checkpoints (rank 0's clock)."""
     bucket = minio.make_bucket()
-    cfg = trainer_config(bucket=bucket, endpoint=minio.endpoint, model_dir=tiny_model_dir, data_uri=str(data_file),
-                         name="full", method="full", training={"maxSteps": 3, "learningRate": 1e-3},
-                         checkpoints={"everySteps": None, "everyMinutes": 0.002},  # 0.12 s
-                         output={"mergeWeights": True})
+    cfg = trainer_config(
+        bucket=bucket,
+        endpoint=minio.endpoint,
+        model_dir=tiny_model_dir,
+        data_uri=str(data_file),
+        name="full",
+        method="full",
+        training={"maxSteps": 3, "learningRate": 1e-3},
+        checkpoints={"everySteps": None, "everyMinutes": 0.002},  # 0.12 s
+        output={"mergeWeights": True},
+    )
     monkeypatch.setenv("KUBETUNE_STEP_DELAY_SECONDS", "0.2")
     rc, _, log, rec = _run(tmp_path, monkeypatch, cfg, minio.env(), capsys)
     assert rc == 0, log.read_text()[-3000:]
     # due after every step but the last (the final state goes to the output instead)
-    assert [(e["step"], e["reason"]) for e in events(log, "checkpoint_saved_locally")] == [(1, "interval"), (2, "interval")]
+    assert [(e["step"], e["reason"]) for e in events(log, "checkpoint_saved_locally")] == [
+        (1, "interval"),
+        (2, "interval"),
+    ]
     keys = {o["Key"] for o in minio.client().list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
     assert "output/ns/full/model.safetensors" in keys and "output/ns/full/config.json" in keys
 
@@ -121,14 +153,17 @@ def test_bad_credentials_fail_fast_with_exit_2(tmp_path, monkeypatch, capsys, mi
 
 
 def test_missing_bucket_fails_fast_with_exit_2(tmp_path, monkeypatch, capsys, minio, tiny_model_dir, data_file):
-    cfg = trainer_config(bucket="no-such-bucket-here", endpoint=minio.endpoint, model_dir=tiny_model_dir,
-                         data_uri=str(data_file))
+    cfg = trainer_config(
+        bucket="no-such-bucket-here", endpoint=minio.endpoint, model_dir=tiny_model_dir, data_uri=str(data_file)
+    )
     rc, elapsed, log, rec = _run(tmp_path, monkeypatch, cfg, minio.env(), capsys)
     assert rc == ExitCode.USER_ERROR and elapsed < 30
     assert "no-such-bucket-here" in rec.message and "does not exist" in rec.message
 
 
-def test_bad_dataset_is_reported_by_line_and_stops_before_training(tmp_path, monkeypatch, capsys, minio, tiny_model_dir):
+def test_bad_dataset_is_reported_by_line_and_stops_before_training(
+    tmp_path, monkeypatch, capsys, minio, tiny_model_dir
+):
     bucket = minio.make_bucket()
     recs = [json.dumps(r) for r in instruction_records(8)]
     recs[2] = '{"prompt": "broken'
@@ -136,8 +171,13 @@ def test_bad_dataset_is_reported_by_line_and_stops_before_training(tmp_path, mon
     # the data lives in S3 this time
     body = ("\n".join(recs) + "\n").encode()
     minio.client().put_object(Bucket=bucket, Key="data/train.jsonl", Body=body)
-    cfg = trainer_config(bucket=bucket, endpoint=minio.endpoint, model_dir=tiny_model_dir,
-                         data_uri=f"s3://{bucket}/data/", dataset={"maxBadRecordFraction": 0.1})
+    cfg = trainer_config(
+        bucket=bucket,
+        endpoint=minio.endpoint,
+        model_dir=tiny_model_dir,
+        data_uri=f"s3://{bucket}/data/",
+        dataset={"maxBadRecordFraction": 0.1},
+    )
     rc, _, log, rec = _run(tmp_path, monkeypatch, cfg, minio.env(), capsys)
     assert rc == ExitCode.USER_ERROR
     bad = [(e["file"], e["line"], e["reason"]) for e in events(log, "bad_record")]
@@ -151,14 +191,21 @@ def test_bad_dataset_is_reported_by_line_and_stops_before_training(tmp_path, mon
 
 
 def test_invalid_config_names_the_field(tmp_path, monkeypatch, capsys, minio, tiny_model_dir, data_file):
-    cfg = trainer_config(bucket="b-x", endpoint=minio.endpoint, model_dir=tiny_model_dir, data_uri=str(data_file),
-                         training={"maxSteps": 0})
+    cfg = trainer_config(
+        bucket="b-x",
+        endpoint=minio.endpoint,
+        model_dir=tiny_model_dir,
+        data_uri=str(data_file),
+        training={"maxSteps": 0},
+    )
     rc, _, log, rec = _run(tmp_path, monkeypatch, cfg, minio.env(), capsys)
     assert rc == ExitCode.USER_ERROR
     assert "training.maxSteps" in rec.message and rec.phase == "failed"
 
 
-def test_sigterm_before_training_exits_preempted_without_saving(tmp_path, minio, tiny_model_dir, data_file, monkeypatch):
+def test_sigterm_before_training_exits_preempted_without_saving(
+    tmp_path, minio, tiny_model_dir, data_file, monkeypatch
+):
     from kubetune_contract.config import TrainerConfig
     from kubetune_trainer.options import TrainerOptions
     from kubetune_trainer.signals import StopFlag
@@ -167,12 +214,14 @@ def test_sigterm_before_training_exits_preempted_without_saving(tmp_path, minio,
     bucket = minio.make_bucket()
     for k, v in minio.env().items():
         monkeypatch.setenv(k, v)
-    cfg = TrainerConfig.model_validate(trainer_config(bucket=bucket, endpoint=minio.endpoint,
-                                                      model_dir=tiny_model_dir, data_uri=str(data_file)))
+    cfg = TrainerConfig.model_validate(
+        trainer_config(bucket=bucket, endpoint=minio.endpoint, model_dir=tiny_model_dir, data_uri=str(data_file))
+    )
     stop = StopFlag()
     stop.set("SIGTERM")  # arrived while the pod was starting
-    opts = TrainerOptions(work_dir=tmp_path / "work", metrics_port=None,
-                          termination_log=str(tmp_path / "termination-log"))
+    opts = TrainerOptions(
+        work_dir=tmp_path / "work", metrics_port=None, termination_log=str(tmp_path / "termination-log")
+    )
     assert run(cfg, opts, stop=stop) == ExitCode.PREEMPTED  # a caller's own StopFlag: no signal handlers
     assert "Contents" not in minio.client().list_objects_v2(Bucket=bucket, Prefix="checkpoints/")
     rec = ProgressRecord.model_validate_json((tmp_path / "termination-log").read_text())

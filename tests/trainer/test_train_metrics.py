@@ -1,4 +1,5 @@
 """/metrics and /progress; throttled progress; termination log; progress can never fail training."""
+
 import json
 import urllib.request
 
@@ -26,13 +27,23 @@ def test_metrics_and_progress_endpoints():
     srv = MetricsServer(m, p.as_json_dict, port=0, host="127.0.0.1")
     try:
         assert srv.port
-        m.step.set(7); m.loss.set(1.25); m.lr.set(1e-4); m.tps.set(900.0); m.sps.set(3.0); m.tokens.inc(4096)
+        m.step.set(7)
+        m.loss.set(1.25)
+        m.lr.set(1e-4)
+        m.tps.set(900.0)
+        m.sps.set(3.0)
+        m.tokens.inc(4096)
         p.update(phase="training", step=7, total_steps=10, loss=1.25, tokens_seen=4096)
         status, ctype, body = _get(srv.port, "/metrics")
         assert status == 200 and ctype.startswith("text/plain")
-        for line in ("kubetune_trainer_step 7.0", "kubetune_trainer_loss 1.25", "kubetune_trainer_learning_rate 0.0001",
-                     "kubetune_trainer_tokens_per_second 900.0", "kubetune_trainer_samples_per_second 3.0",
-                     "kubetune_trainer_tokens_total 4096.0"):
+        for line in (
+            "kubetune_trainer_step 7.0",
+            "kubetune_trainer_loss 1.25",
+            "kubetune_trainer_learning_rate 0.0001",
+            "kubetune_trainer_tokens_per_second 900.0",
+            "kubetune_trainer_samples_per_second 3.0",
+            "kubetune_trainer_tokens_total 4096.0",
+        ):
             assert line in body
         assert "kubetune_trainer_gpu" not in body  # no NVML on CPU
         status, ctype, body = _get(srv.port, "/progress")

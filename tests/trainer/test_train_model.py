@@ -1,22 +1,28 @@
 """Methods: LoRA trains only adapter parameters; full trains all; QLoRA/fp16/DeepSpeed refuse CPU."""
+
 import pytest
 import torch
 
-from kubetune_trainer import model as M
 from kubetune_contract.config import TrainerConfig
-from kubetune_trainer.errors import UserError
 from kubetune_dev.trainer_inputs import trainer_config
+from kubetune_trainer import model as M
+from kubetune_trainer.errors import UserError
 
 
 def _cfg(tiny_model_dir, **kw):
     return TrainerConfig.model_validate(
-        trainer_config(bucket="bucket-x", endpoint="http://127.0.0.1:1", model_dir=tiny_model_dir,
-                       data_uri="/nonexistent", **kw))
+        trainer_config(
+            bucket="bucket-x", endpoint="http://127.0.0.1:1", model_dir=tiny_model_dir, data_uri="/nonexistent", **kw
+        )
+    )
 
 
 def test_lora_trains_only_adapter_parameters(tiny_model_dir):
-    cfg = _cfg(tiny_model_dir, lora={"r": 4, "alpha": 8, "targetModules": ["all-linear"]},
-               training={"gradientCheckpointing": True})
+    cfg = _cfg(
+        tiny_model_dir,
+        lora={"r": 4, "alpha": 8, "targetModules": ["all-linear"]},
+        training={"gradientCheckpointing": True},
+    )
     prec = M.resolve_precision("auto", cuda=False)
     assert prec.name == "fp32"
     model = M.load_model(str(tiny_model_dir), cfg, prec, torch.device("cpu"))

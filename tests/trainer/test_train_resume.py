@@ -6,6 +6,7 @@ resumes at that step and its losses equal the reference's. A copy of the preempt
 newest checkpoint is corrupted falls back to the previous checkpoint, and its losses equal the
 reference's as well.
 """
+
 import signal
 
 import pytest
@@ -28,8 +29,11 @@ def _keys(client, bucket, prefix):
 
 
 def _committed_steps(client, bucket, job):
-    return sorted(int(k.split("/")[-2].split("-")[1]) for k in _keys(client, bucket, f"checkpoints/ns/{job}/")
-                  if k.endswith("MANIFEST.json"))
+    return sorted(
+        int(k.split("/")[-2].split("-")[1])
+        for k in _keys(client, bucket, f"checkpoints/ns/{job}/")
+        if k.endswith("MANIFEST.json")
+    )
 
 
 def test_sigterm_checkpoint_exact_resume_and_fallback(tmp_path, minio, tiny_model_dir):
@@ -37,11 +41,23 @@ def test_sigterm_checkpoint_exact_resume_and_fallback(tmp_path, minio, tiny_mode
     data = write_jsonl(tmp_path / "train.jsonl", instruction_records(60, seed=2))
 
     def cfg(name):
-        return trainer_config(bucket=bucket, endpoint=minio.endpoint, model_dir=tiny_model_dir, data_uri=str(data),
-                              name=name, lora={"dropout": 0.1},  # dropout: the RNG state must resume too
-                              training={"maxSteps": TOTAL, "batchSize": 2, "gradientAccumulationSteps": 2,
-                                        "lrScheduler": "cosine", "warmupRatio": 0.1, "learningRate": 0.01},
-                              checkpoints={"everySteps": 4, "keepLast": 3})
+        return trainer_config(
+            bucket=bucket,
+            endpoint=minio.endpoint,
+            model_dir=tiny_model_dir,
+            data_uri=str(data),
+            name=name,
+            lora={"dropout": 0.1},  # dropout: the RNG state must resume too
+            training={
+                "maxSteps": TOTAL,
+                "batchSize": 2,
+                "gradientAccumulationSteps": 2,
+                "lrScheduler": "cosine",
+                "warmupRatio": 0.1,
+                "learningRate": 0.01,
+            },
+            checkpoints={"everySteps": 4, "keepLast": 3},
+        )
 
     def env(name, run, **extra):
         return trainer_env(tmp_path / f"{name}-{run}", cfg(name), minio.env(), **extra)
@@ -73,8 +89,7 @@ def test_sigterm_checkpoint_exact_resume_and_fallback(tmp_path, minio, tiny_mode
 
     # a copy of the preempted job whose newest checkpoint was corrupted after upload
     for k in _keys(client, bucket, "checkpoints/ns/pre/"):
-        client.copy_object(Bucket=bucket, Key=k.replace("/ns/pre/", "/ns/fb/"),
-                           CopySource={"Bucket": bucket, "Key": k})
+        client.copy_object(Bucket=bucket, Key=k.replace("/ns/pre/", "/ns/fb/"), CopySource={"Bucket": bucket, "Key": k})
     victim = f"checkpoints/ns/fb/checkpoints/step-{stopped:09d}/trainable.safetensors"
     blob = bytearray(client.get_object(Bucket=bucket, Key=victim)["Body"].read())
     blob[-16:] = bytes(16)  # same size, different bytes: only the sha256 can tell

@@ -1,6 +1,7 @@
 """The chart's values as an API: one documented model (`chart_values`), a generated strict schema and
 values.yaml, the operator's settings reached unchanged, and one version for package, chart and images.
 The helm tests use the real `helm` binary (templating only: no cluster)."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,11 @@ def _get(values: dict[str, Any], path: str) -> Any:
 
 # ---- generated files -----------------------------------------------------------------------------
 def test_generated_chart_files_are_up_to_date():
-    stale = [str(p.relative_to(valuesgen.REPO)) for p, text in valuesgen.outputs().items()
-             if not p.exists() or p.read_text() != text]
+    stale = [
+        str(p.relative_to(valuesgen.REPO))
+        for p, text in valuesgen.outputs().items()
+        if not p.exists() or p.read_text() != text
+    ]
     assert not stale, f"run `python -m kubetune_operator.crdgen` and commit: {stale}"
 
 
@@ -107,12 +111,20 @@ def test_settings_default_trainer_image_is_the_project_version():
 def test_version_is_written_only_in_pyproject_and_generated_chart_yaml():
     """One version source: pyproject.toml (Chart.yaml's copy is generated and drift-tested)."""
     try:
-        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=valuesgen.REPO,
-                               capture_output=True, text=True, check=True).stdout.split()
+        files = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"],
+            cwd=valuesgen.REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
-    allowed = {"pyproject.toml", "charts/kubetune/Chart.yaml",
-               "hack/constraints.txt"}  # pip freeze names the editable install `kubetune==VERSION`
+    allowed = {
+        "pyproject.toml",
+        "charts/kubetune/Chart.yaml",
+        "hack/constraints.txt",
+    }  # pip freeze names the editable install `kubetune==VERSION`
     literal = re.compile(rf"(?<![\d.]){re.escape(VERSION)}(?!\.?\d)")
     found = []
     for name in files:
@@ -144,11 +156,25 @@ def _env(rendered: str) -> dict[str, str]:
 
 def test_helm_accepts_global_and_rejects_unknown_keys():
     helm_template("--set", "global.imageRegistry=registry.example", "--set-json", 'global.labels={"team":"ml"}')
-    lint = subprocess.run([str(binary("helm")), "lint", str(valuesgen.CHART), "--strict",
-                           "--set", "global.imageRegistry=registry.example"], capture_output=True, text=True)
+    lint = subprocess.run(
+        [
+            str(binary("helm")),
+            "lint",
+            str(valuesgen.CHART),
+            "--strict",
+            "--set",
+            "global.imageRegistry=registry.example",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert lint.returncode == 0 and "0 chart(s) failed" in lint.stdout, lint.stdout + lint.stderr
-    unknown = {"nope=1": "nope", "operator.imagee.tag=x": "imagee", "cost.gpuPrices.L4.ondemand=1": "ondemand",
-               "metrics.serviceMonitor.interval=5s": "interval"}
+    unknown = {
+        "nope=1": "nope",
+        "operator.imagee.tag=x": "imagee",
+        "cost.gpuPrices.L4.ondemand=1": "ondemand",
+        "metrics.serviceMonitor.interval=5s": "interval",
+    }
     for setting, key in unknown.items():
         bad = helm_template("--set", setting, check=False)
         assert bad.returncode != 0 and f"'{key}' not allowed" in bad.stderr, bad.stderr
@@ -159,10 +185,12 @@ def test_helm_accepts_global_and_rejects_unknown_keys():
 def test_chart_works_as_a_subchart_of_a_parent_with_globals(tmp_path: Path):
     parent = tmp_path / "platform"
     shutil.copytree(valuesgen.CHART, parent / "charts" / "kubetune")
-    (parent / "Chart.yaml").write_text("apiVersion: v2\nname: platform\nversion: 1.0.0\n"
-                                       "dependencies:\n  - {name: kubetune, version: '*'}\n")
-    (parent / "values.yaml").write_text("global: {imageRegistry: registry.example}\n"
-                                        "kubetune: {crds: {enabled: false}}\n")
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: platform\nversion: 1.0.0\ndependencies:\n  - {name: kubetune, version: '*'}\n"
+    )
+    (parent / "values.yaml").write_text(
+        "global: {imageRegistry: registry.example}\nkubetune: {crds: {enabled: false}}\n"
+    )
     out = subprocess.run([str(binary("helm")), "template", "p", str(parent)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "Deployment" in out.stdout and "CustomResourceDefinition" not in out.stdout
@@ -174,9 +202,11 @@ def test_image_tags_default_to_the_charts_app_version():
     assert _env(default)["KUBETUNE_TRAINER_IMAGE"] == f"localhost/kubetune-trainer:{VERSION}"
     tagged = helm_template("--set", "operator.image.tag=dev").stdout
     assert _container(tagged)["image"] == "localhost/kubetune-operator:dev"
-    for given, rendered in (("reg.example/trainer:1.2", "reg.example/trainer:1.2"),
-                            ("reg.example:5000/trainer", f"reg.example:5000/trainer:{VERSION}"),
-                            ("reg.example/trainer@sha256:" + "0" * 64, "reg.example/trainer@sha256:" + "0" * 64)):
+    for given, rendered in (
+        ("reg.example/trainer:1.2", "reg.example/trainer:1.2"),
+        ("reg.example:5000/trainer", f"reg.example:5000/trainer:{VERSION}"),
+        ("reg.example/trainer@sha256:" + "0" * 64, "reg.example/trainer@sha256:" + "0" * 64),
+    ):
         assert _env(helm_template("--set", f"trainer.image={given}").stdout)["KUBETUNE_TRAINER_IMAGE"] == rendered
 
 
@@ -186,11 +216,19 @@ def test_chart_defaults_give_the_operators_own_defaults():
 
 def test_every_settings_value_reaches_the_operator():
     overrides: dict[str, Any] = {
-        "operator.watchNamespace": "ml", "trainer.image": "reg.example/trainer:2", "trainer.pullPolicy": "Always",
-        "placement.capacityTypeLabel": "eks.amazonaws.com/capacityType", "placement.spotValue": "SPOT",
-        "placement.spotTolerations": [{"key": "spot", "operator": "Exists"}], "placement.gpuResource": "amd.com/gpu",
-        "placement.gpuTypeLabel": "gpu.product", "cost.gpuPrices": {"NVIDIA-L4": {"on-demand": 0.7, "spot": 0.3}},
-        "cost.cpuHourPrice": 0.05, "progressPollSeconds": 2.5, "preflightS3Endpoint": False, "metrics.port": 9090,
+        "operator.watchNamespace": "ml",
+        "trainer.image": "reg.example/trainer:2",
+        "trainer.pullPolicy": "Always",
+        "placement.capacityTypeLabel": "eks.amazonaws.com/capacityType",
+        "placement.spotValue": "SPOT",
+        "placement.spotTolerations": [{"key": "spot", "operator": "Exists"}],
+        "placement.gpuResource": "amd.com/gpu",
+        "placement.gpuTypeLabel": "gpu.product",
+        "cost.gpuPrices": {"NVIDIA-L4": {"on-demand": 0.7, "spot": 0.3}},
+        "cost.cpuHourPrice": 0.05,
+        "progressPollSeconds": 2.5,
+        "preflightS3Endpoint": False,
+        "metrics.port": 9090,
     }
     assert set(overrides) == set(SETTINGS_PATHS.values())
     args = [a for path, value in overrides.items() for a in ("--set-json", f"{path}={json.dumps(value)}")]

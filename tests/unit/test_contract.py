@@ -1,4 +1,5 @@
 """The operator↔trainer contract: one home, and the operator sets only what it defines."""
+
 from __future__ import annotations
 
 import ast
@@ -8,11 +9,9 @@ import pytest
 
 from kubetune_contract import envvars, layout, uris
 from kubetune_contract.config import TrainerConfig
-from kubetune_operator import render
-from kubetune_operator.settings import Settings
 from kubetune_dev.jobs import job_manifest
-
-from kubetune_operator import api
+from kubetune_operator import api, render
+from kubetune_operator.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ from kubetune_operator.cost import accrue, cpu_cores, price_per_hour
 from kubetune_operator.settings import Settings
 from kubetune_operator.views import NodeView, PodView
 
-T0 = dt.datetime(2026, 11, 22, 12, 0, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 22, 12, 0, 0, tzinfo=dt.UTC)
 
 
 def test_cpu_quantities():
@@ -25,10 +25,17 @@ def test_accrual_is_incremental_and_idempotent():
     res = api.ResourcesSpec(gpus=1)
     nodes = {"n1": NodeView("n1", "spot"), "n2": NodeView("n2", "on-demand")}
     early = T0 - dt.timedelta(hours=2)
-    pods = [PodView("p0", 0, 0, "Running", node="n1", started_at=early),
-            PodView("p1", 0, 1, "Running", node="n2", started_at=early)]
+    pods = [
+        PodView("p0", 0, 0, "Running", node="n1", started_at=early),
+        PodView("p1", 0, 1, "Running", node="n2", started_at=early),
+    ]
     cost = accrue(None, pods, nodes, res, lambda node, r: 3.0, T0)
-    assert cost == {"gpuHours": 0.0, "spotGpuHours": 0.0, "estimatedUsd": "0.0000", "accruedUntil": "2026-11-22T12:00:00Z"}
+    assert cost == {
+        "gpuHours": 0.0,
+        "spotGpuHours": 0.0,
+        "estimatedUsd": "0.0000",
+        "accruedUntil": "2026-11-22T12:00:00Z",
+    }
     cost = accrue(cost, pods, nodes, res, lambda node, r: 3.0, T0 + dt.timedelta(minutes=30))
     assert cost["gpuHours"] == 1.0 and cost["spotGpuHours"] == 0.5 and cost["estimatedUsd"] == "3.0000"
     assert accrue(cost, pods, nodes, res, lambda node, r: 3.0, T0 + dt.timedelta(minutes=30)) == cost
@@ -37,9 +44,17 @@ def test_accrual_is_incremental_and_idempotent():
 def test_only_the_time_a_container_ran_is_counted():
     res = api.ResourcesSpec(gpus=2)
     cost = {"estimatedUsd": "0", "accruedUntil": "2026-11-22T12:00:00Z"}
-    late = PodView("p", 0, 0, "Succeeded", node="n", started_at=T0 + dt.timedelta(minutes=15),
-                   finished_at=T0 + dt.timedelta(minutes=45))
+    late = PodView(
+        "p",
+        0,
+        0,
+        "Succeeded",
+        node="n",
+        started_at=T0 + dt.timedelta(minutes=15),
+        finished_at=T0 + dt.timedelta(minutes=45),
+    )
     pending = PodView("q", 0, 1, "Pending", node="n")  # bound but never started: free
-    out = accrue(cost, [late, pending], {"n": NodeView("n", "on-demand")}, res, lambda node, r: 4.0,
-                 T0 + dt.timedelta(hours=1))
+    out = accrue(
+        cost, [late, pending], {"n": NodeView("n", "on-demand")}, res, lambda node, r: 4.0, T0 + dt.timedelta(hours=1)
+    )
     assert out["gpuHours"] == 1.0 and out["estimatedUsd"] == "2.0000" and out["spotGpuHours"] == 0.0

@@ -1,4 +1,5 @@
 """One source of truth: the CRD, its chart copy and the Python models cannot drift apart."""
+
 from __future__ import annotations
 
 import yaml
@@ -33,12 +34,30 @@ def test_every_example_validates_against_the_models():
 
 def test_every_status_field_the_operator_writes_is_declared():
     status = crdgen.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
-    for key in ("phase", "conditions", "observedGeneration", "startTime", "completionTime", "progress", "preemptions",
-                "restarts", "lastCheckpoint", "cost", "workers", "attempt", "onDemandFallback", "outputUri", "message"):
+    for key in (
+        "phase",
+        "conditions",
+        "observedGeneration",
+        "startTime",
+        "completionTime",
+        "progress",
+        "preemptions",
+        "restarts",
+        "lastCheckpoint",
+        "cost",
+        "workers",
+        "attempt",
+        "onDemandFallback",
+        "outputUri",
+        "message",
+    ):
         assert key in status, key
-    assert {"progressPercentage", "estimatedRemainingSeconds", "resumedFromStep"} <= status["progress"]["properties"].keys()
-    assert {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"} <= \
-        status["conditions"]["items"]["properties"].keys()
+    assert {"progressPercentage", "estimatedRemainingSeconds", "resumedFromStep"} <= status["progress"][
+        "properties"
+    ].keys()
+    assert {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"} <= status["conditions"][
+        "items"
+    ]["properties"].keys()
 
 
 def test_no_date_column_for_a_future_time():

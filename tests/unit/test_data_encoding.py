@@ -1,12 +1,13 @@
 """Loss masks per format, packing without cross-contamination, deterministic batches."""
+
 import copy
 
 import pytest
 
 from kubetune_contract.config import DatasetSpec
 from kubetune_contract.uris import local_path_for_uri, pvc_claim
-from kubetune_trainer.data import IGNORE, Batches, Encoder, Example, RecordError, build_sequences, collate, pack
 from kubetune_dev.tiny_model import chat_records
+from kubetune_trainer.data import IGNORE, Batches, Encoder, Example, RecordError, build_sequences, collate, pack
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def plain_tok(tok):
 
 
 def _trained_text(tok, ex):
-    return tok.decode([t for t, l in zip(ex.input_ids, ex.labels) if l != IGNORE])
+    return tok.decode([t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != IGNORE])
 
 
 def test_instruction_without_template_trains_on_response_only(plain_tok):
@@ -106,7 +107,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
         off = 0
         for e in exs:
             alone = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
-            torch.testing.assert_close(logits[off:off + len(e.input_ids)], alone, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(logits[off : off + len(e.input_ids)], alone, atol=1e-5, rtol=1e-4)
             off += len(e.input_ids)
 
 

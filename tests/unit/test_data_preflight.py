@@ -1,12 +1,13 @@
 """Preflight: every bad record is reported as (file, line, reason); stats; the bad-fraction gate."""
+
 import json
 
 import pytest
 
 from kubetune_contract.config import DatasetSpec
+from kubetune_dev.tiny_model import instruction_records, text_records, write_jsonl
 from kubetune_trainer.data import Example, check_bad_fraction, encode_files, local_data_files, split_validation
 from kubetune_trainer.errors import UserError
-from kubetune_dev.tiny_model import instruction_records, text_records, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +24,15 @@ def _spec(uri="x", **kw):
 def test_bad_records_are_reported_with_file_line_and_reason(tmp_path, tok):
     good = instruction_records(3)
     lines = [
-        json.dumps(good[0]),                                    # 1 ok
-        '{"prompt": "count from one", "response": ',            # 2 bad JSON
-        json.dumps({"prompt": "count from two"}),               # 3 missing response
-        json.dumps({"prompt": 7, "response": "eight"}),         # 4 wrong type
-        "",                                                     # 5 blank: skipped, not a record
+        json.dumps(good[0]),  # 1 ok
+        '{"prompt": "count from one", "response": ',  # 2 bad JSON
+        json.dumps({"prompt": "count from two"}),  # 3 missing response
+        json.dumps({"prompt": 7, "response": "eight"}),  # 4 wrong type
+        "",  # 5 blank: skipped, not a record
         json.dumps({"prompt": "count from one", "response": "   "}),  # 6 empty text
-        json.dumps({"prompt": "one " * 200, "response": "two"}),     # 7 prompt too long
-        json.dumps(["not", "an", "object"]),                    # 8 not an object
-        json.dumps(good[1]),                                    # 9 ok
+        json.dumps({"prompt": "one " * 200, "response": "two"}),  # 7 prompt too long
+        json.dumps(["not", "an", "object"]),  # 8 not an object
+        json.dumps(good[1]),  # 9 ok
     ]
     f = write_jsonl(tmp_path / "train.jsonl", lines)
     spec = _spec(format="instruction")

@@ -1,18 +1,18 @@
 """The reconcile decision, as a pure function: observed state in, actions out."""
+
 from __future__ import annotations
 
 import datetime as dt
 
 import pytest
 
+from kubetune_contract.progress import ExitCode, ProgressRecord
+from kubetune_dev.jobs import job_manifest
 from kubetune_operator import api
 from kubetune_operator.decide import classify, decide, pod_rejected, set_condition
 from kubetune_operator.views import NodeView, Observed, PodView
-from kubetune_contract.progress import ExitCode, ProgressRecord
 
-from kubetune_dev.jobs import job_manifest
-
-T0 = dt.datetime(2026, 11, 22, 12, 0, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 22, 12, 0, 0, tzinfo=dt.UTC)
 
 
 def job(status=None, generation=1, **spec_overrides):
@@ -67,30 +67,42 @@ def test_running_pod_makes_the_job_running_once():
     assert d2.events == [] and d2.status["startTime"] == "2026-11-22T12:00:00Z"
 
 
-@pytest.mark.parametrize("view", [
-    pod(exit_code=ExitCode.PREEMPTED, phase="Failed"),
-    pod(disruption="EvictionByEvictionAPI"),
-    pod(deleting=True),
-    pod(phase="Failed", reason="Evicted"),
-    pod(phase="Failed", reason="NodeShutdown", exit_code=137),
-])
+@pytest.mark.parametrize(
+    "view",
+    [
+        pod(exit_code=ExitCode.PREEMPTED, phase="Failed"),
+        pod(disruption="EvictionByEvictionAPI"),
+        pod(deleting=True),
+        pod(phase="Failed", reason="Evicted"),
+        pod(phase="Failed", reason="NodeShutdown", exit_code=137),
+    ],
+)
 def test_preemption_signals(view):
     assert classify(view) == "preempted"
 
 
-@pytest.mark.parametrize("view,outcome", [
-    (pod(phase="Succeeded", exit_code=0), "succeeded"),
-    (pod(phase="Failed", exit_code=ExitCode.USER_ERROR), "user_error"),
-    (pod(phase="Failed", exit_code=137, reason="OOMKilled"), "failed"),
-    (pod(phase="Failed", exit_code=1), "failed"),
-    (pod(phase="Pending"), "pending"),
-])
+@pytest.mark.parametrize(
+    "view,outcome",
+    [
+        (pod(phase="Succeeded", exit_code=0), "succeeded"),
+        (pod(phase="Failed", exit_code=ExitCode.USER_ERROR), "user_error"),
+        (pod(phase="Failed", exit_code=137, reason="OOMKilled"), "failed"),
+        (pod(phase="Failed", exit_code=1), "failed"),
+        (pod(phase="Pending"), "pending"),
+    ],
+)
 def test_other_outcomes(view, outcome):
     assert classify(view) == outcome
 
 
 def test_preempted_pod_still_terminating_ends_the_attempt_but_waits_before_the_next():
-    j = job(status={"attempt": 0, "phase": "Running", "workers": [{"name": "j-a0-w0", "rank": 0, "phase": "Running", "attempt": 0}]})
+    j = job(
+        status={
+            "attempt": 0,
+            "phase": "Running",
+            "workers": [{"name": "j-a0-w0", "rank": 0, "phase": "Running", "attempt": 0}],
+        }
+    )
     d = decide(observe(j, [pod(deleting=True, disruption="EvictionByEvictionAPI")]))
     assert d.status["preemptions"] == 1 and d.status["attempt"] == 1 and d.status["phase"] == "Restarting"
     assert d.create_pods == [] and d.delete_pods == []  # it is already being deleted; its checkpoint is in flight
@@ -103,16 +115,28 @@ def test_preempted_pod_still_terminating_ends_the_attempt_but_waits_before_the_n
 
 
 def test_pod_vanished_with_its_node_is_a_preemption_and_restarts_at_once():
-    j = job(status={"attempt": 2, "phase": "Running", "preemptions": 2,
-                    "workers": [{"name": "j-a2-w0", "rank": 0, "phase": "Running", "attempt": 2}],
-                    "lastCheckpoint": {"uri": "s3://b/c/step-40", "step": 40, "time": "2026-11-22T11:59:00Z"}})
+    j = job(
+        status={
+            "attempt": 2,
+            "phase": "Running",
+            "preemptions": 2,
+            "workers": [{"name": "j-a2-w0", "rank": 0, "phase": "Running", "attempt": 2}],
+            "lastCheckpoint": {"uri": "s3://b/c/step-40", "step": 40, "time": "2026-11-22T11:59:00Z"},
+        }
+    )
     d = decide(observe(j, []))
     assert d.status["preemptions"] == 3 and d.create_pods == [(3, 0)]
     assert "resuming from step 40" in next(e.message for e in d.events if e.reason == "Preempted")
 
 
 def test_a_pod_that_was_never_seen_is_recreated_not_counted():
-    j = job(status={"attempt": 0, "phase": "Pending", "workers": [{"name": "j-a0-w0", "rank": 0, "phase": "Creating", "attempt": 0}]})
+    j = job(
+        status={
+            "attempt": 0,
+            "phase": "Pending",
+            "workers": [{"name": "j-a0-w0", "rank": 0, "phase": "Creating", "attempt": 0}],
+        }
+    )
     d = decide(observe(j, []))
     assert d.create_pods == [(0, 0)] and d.status["preemptions"] == 0
 
@@ -124,12 +148,21 @@ def test_max_preemptions_then_fallback_then_failure():
     assert d.status["phase"] == "Failed"
     assert next(c for c in d.status["conditions"] if c["type"] == "Failed")["reason"] == "TooManyPreemptions"
 
-    d = decide(observe(job(status=dict(base), capacity={"policy": "spot", "maxPreemptions": 1, "fallbackToOnDemand": True}), evicted))
+    d = decide(
+        observe(
+            job(status=dict(base), capacity={"policy": "spot", "maxPreemptions": 1, "fallbackToOnDemand": True}),
+            evicted,
+        )
+    )
     assert d.status["onDemandFallback"] is True and d.create_pods == [(1, 0)] and d.on_demand
     # Once on on-demand, preemptions (rare, but drains happen) no longer fail the job.
     st = dict(d.status, attempt=1, phase="Running")
-    d = decide(observe(job(status=st, capacity={"policy": "spot", "maxPreemptions": 1, "fallbackToOnDemand": True}),
-                       [pod(attempt=1, phase="Failed", reason="Evicted")]))
+    d = decide(
+        observe(
+            job(status=st, capacity={"policy": "spot", "maxPreemptions": 1, "fallbackToOnDemand": True}),
+            [pod(attempt=1, phase="Failed", reason="Evicted")],
+        )
+    )
     assert d.status["phase"] == "Restarting" and d.create_pods == [(2, 0)] and d.on_demand
 
 
@@ -146,7 +179,12 @@ def test_infrastructure_failure_retries_then_hits_the_backoff_limit():
     j = job(status={"attempt": 0, "phase": "Running"}, runPolicy={"backoffLimit": 1})
     d = decide(observe(j, [pod(phase="Failed", exit_code=137, reason="OOMKilled")]))
     assert d.status["restarts"] == 1 and d.create_pods == [(1, 0)]
-    d = decide(observe(after(d, j), [pod(phase="Failed", exit_code=137, reason="OOMKilled"), pod(attempt=1, phase="Failed", exit_code=1)]))
+    d = decide(
+        observe(
+            after(d, j),
+            [pod(phase="Failed", exit_code=137, reason="OOMKilled"), pod(attempt=1, phase="Failed", exit_code=1)],
+        )
+    )
     assert d.status["phase"] == "Failed"
     assert "backoffLimit=1" in d.status["message"]
 
@@ -177,9 +215,13 @@ def test_success_needs_every_worker_and_carries_the_final_record():
 
 def test_finished_jobs_never_recreate_children_and_honour_the_ttl():
     st = {"phase": "Succeeded", "completionTime": "2026-11-22T12:00:00Z", "attempt": 0}
-    d = decide(observe(job(status=st, runPolicy={"ttlSecondsAfterFinished": 60}), [], now=T0 + dt.timedelta(seconds=30)))
+    d = decide(
+        observe(job(status=st, runPolicy={"ttlSecondsAfterFinished": 60}), [], now=T0 + dt.timedelta(seconds=30))
+    )
     assert not d.create_pods and not d.delete_job
-    d = decide(observe(job(status=st, runPolicy={"ttlSecondsAfterFinished": 60}), [], now=T0 + dt.timedelta(seconds=61)))
+    d = decide(
+        observe(job(status=st, runPolicy={"ttlSecondsAfterFinished": 60}), [], now=T0 + dt.timedelta(seconds=61))
+    )
     assert d.delete_job
 
 
@@ -195,7 +237,10 @@ def test_suspend_deletes_pods_without_counting_and_resume_starts_the_next_attemp
 
 
 def test_active_deadline():
-    j = job(status={"attempt": 0, "phase": "Running", "startTime": "2026-11-22T12:00:00Z"}, runPolicy={"activeDeadlineSeconds": 60})
+    j = job(
+        status={"attempt": 0, "phase": "Running", "startTime": "2026-11-22T12:00:00Z"},
+        runPolicy={"activeDeadlineSeconds": 60},
+    )
     assert decide(observe(j, [pod()], now=T0 + dt.timedelta(seconds=59))).status["phase"] == "Running"
     d = decide(observe(j, [pod()], now=T0 + dt.timedelta(seconds=60)))
     assert d.status["phase"] == "Failed" and d.delete_pods == ["j-a0-w0"]
@@ -213,7 +258,9 @@ def test_unschedulable_pod_says_why_and_names_an_unknown_gpu_type():
 
 def test_image_problems():
     j = job(status={"attempt": 0, "phase": "Pending"})
-    d = decide(observe(j, [pod(phase="Pending", node="n1", waiting_reason="ImagePullBackOff", waiting_message="not found")]))
+    d = decide(
+        observe(j, [pod(phase="Pending", node="n1", waiting_reason="ImagePullBackOff", waiting_message="not found")])
+    )
     assert next(c for c in d.status["conditions"] if c["type"] == "Running")["reason"] == "ImagePullFailed"
     assert d.status["phase"] == "Pending"
     d = decide(observe(j, [pod(phase="Pending", node="n1", waiting_reason="InvalidImageName")]))
@@ -221,9 +268,19 @@ def test_image_problems():
 
 
 def test_progress_and_cost_land_in_status():
-    record = ProgressRecord(phase="training", step=30, total_steps=120, loss=2.5, steps_per_second=0.5,
-                            last_checkpoint={"uri": "s3://b/p/step-20", "step": 20, "time": "2026-11-22T11:59:30Z"})
-    st = {"attempt": 0, "phase": "Running", "cost": {"estimatedUsd": "1.0000", "gpuHours": 0, "accruedUntil": "2026-11-22T11:00:00Z"}}
+    record = ProgressRecord(
+        phase="training",
+        step=30,
+        total_steps=120,
+        loss=2.5,
+        steps_per_second=0.5,
+        last_checkpoint={"uri": "s3://b/p/step-20", "step": 20, "time": "2026-11-22T11:59:30Z"},
+    )
+    st = {
+        "attempt": 0,
+        "phase": "Running",
+        "cost": {"estimatedUsd": "1.0000", "gpuHours": 0, "accruedUntil": "2026-11-22T11:00:00Z"},
+    }
     d = decide(observe(job(status=st), [pod()], progress=record))
     assert d.status["progress"]["progressPercentage"] == 25 and d.status["progress"]["estimatedRemainingSeconds"] == 180
     assert d.status["lastCheckpoint"]["step"] == 20
@@ -248,7 +305,9 @@ def test_set_condition_keeps_transition_time_unless_the_status_flips():
 
 
 def test_pod_rejected_is_final_for_invalid_and_pending_for_quota():
-    st = pod_rejected({"phase": "Pending", "workers": [{"name": "x"}]}, "spec.containers[0].env[5].name: Required value", True, T0, 1)
+    st = pod_rejected(
+        {"phase": "Pending", "workers": [{"name": "x"}]}, "spec.containers[0].env[5].name: Required value", True, T0, 1
+    )
     assert st["phase"] == "Failed" and "env[5].name" in st["message"] and "workers" not in st
     st = pod_rejected({"phase": "Pending"}, "exceeded quota: gpu", False, T0, 1)
     assert st["phase"] == "Pending"
@@ -258,20 +317,29 @@ def test_a_resuming_trainer_does_not_reset_the_progress_shown():
     st = {"attempt": 1, "phase": "Running", "progress": {"step": 100, "totalSteps": 120, "progressPercentage": 83}}
     d = decide(observe(job(status=st), [pod(attempt=1)], progress=ProgressRecord(phase="loading", step=0)))
     assert d.status["progress"]["step"] == 100
-    d = decide(observe(job(status=st), [pod(attempt=1)],
-                       progress=ProgressRecord(phase="training", step=101, total_steps=120, resumed_from_step=100)))
+    d = decide(
+        observe(
+            job(status=st),
+            [pod(attempt=1)],
+            progress=ProgressRecord(phase="training", step=101, total_steps=120, resumed_from_step=100),
+        )
+    )
     assert d.status["progress"]["step"] == 101 and d.status["progress"]["resumedFromStep"] == 100
 
 
 def test_cost_of_a_finished_container_is_accrued_at_once():
     st = {"attempt": 0, "phase": "Running", "cost": {"estimatedUsd": "0.0000", "accruedUntil": "2026-11-22T12:00:00Z"}}
-    done = pod(phase="Succeeded", exit_code=0, started_at=T0 - dt.timedelta(hours=1), finished_at=T0 + dt.timedelta(seconds=36))
+    done = pod(
+        phase="Succeeded", exit_code=0, started_at=T0 - dt.timedelta(hours=1), finished_at=T0 + dt.timedelta(seconds=36)
+    )
     d = decide(observe(job(status=st), [done], now=T0 + dt.timedelta(seconds=40)))
     assert d.status["cost"]["estimatedUsd"] == "0.0100"  # 36 s at 1 USD/h, not the 40 s to now
 
 
-@pytest.mark.parametrize("text", ["2026-11-22T12:00:00Z", "2026-11-22T12:00:00+00:00", "2026-11-22T12:00:00.123456Z",
-                                  "2026-11-22T13:00:00+01:00"])
+@pytest.mark.parametrize(
+    "text",
+    ["2026-11-22T12:00:00Z", "2026-11-22T12:00:00+00:00", "2026-11-22T12:00:00.123456Z", "2026-11-22T13:00:00+01:00"],
+)
 def test_parse_time_reads_every_rfc3339_form_kubernetes_writes(text):
     from kubetune_operator.timeutil import parse_time
 

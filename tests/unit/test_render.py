@@ -1,11 +1,11 @@
 """Pure builders of the objects a FineTuneJob owns."""
+
 from __future__ import annotations
 
+from kubetune_contract.config import TrainerConfig
+from kubetune_dev.jobs import job_manifest
 from kubetune_operator import api, render
 from kubetune_operator.settings import Settings
-from kubetune_contract.config import TrainerConfig
-
-from kubetune_dev.jobs import job_manifest
 
 
 def job(**overrides):
@@ -15,7 +15,9 @@ def job(**overrides):
 
 
 def node_terms(pod):
-    return pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    return pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
 
 
 def test_config_map_round_trips_through_the_contract():
@@ -44,26 +46,40 @@ def test_spot_policies_become_affinity_and_tolerations():
     settings = Settings()
     j, spec = job(capacity={"policy": "spot"})
     pod = render.worker_pod(j, spec, settings, 0, 0, "x")
-    assert {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["spot"]} in node_terms(pod)[0]["matchExpressions"]
+    assert {"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["spot"]} in node_terms(pod)[0][
+        "matchExpressions"
+    ]
     assert settings.spot_tolerations[0] in pod["spec"]["tolerations"]
 
     j, spec = job(capacity={"policy": "spot-preferred"})
     pod = render.worker_pod(j, spec, settings, 0, 0, "x")
     pref = pod["spec"]["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert pref[0]["weight"] == 100 and "requiredDuringSchedulingIgnoredDuringExecution" not in pod["spec"]["affinity"]["nodeAffinity"]
+    assert (
+        pref[0]["weight"] == 100
+        and "requiredDuringSchedulingIgnoredDuringExecution" not in pod["spec"]["affinity"]["nodeAffinity"]
+    )
 
     # The fallback to on-demand keeps pods off spot nodes.
     j, spec = job(capacity={"policy": "spot", "fallbackToOnDemand": True})
     pod = render.worker_pod(j, spec, settings, 3, 0, "x", on_demand=True)
-    assert node_terms(pod)[0]["matchExpressions"] == [{"key": "karpenter.sh/capacity-type", "operator": "NotIn", "values": ["spot"]}]
+    assert node_terms(pod)[0]["matchExpressions"] == [
+        {"key": "karpenter.sh/capacity-type", "operator": "NotIn", "values": ["spot"]}
+    ]
     assert "tolerations" not in pod["spec"]
 
 
 def test_user_affinity_terms_are_anded_with_ours():
-    user = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
-        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["b"]}]},
-    ]}}, "podAntiAffinity": {"x": 1}}
+    user = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["b"]}]},
+                ]
+            }
+        },
+        "podAntiAffinity": {"x": 1},
+    }
     j, spec = job(capacity={"policy": "on-demand"}, pod={"affinity": user})
     pod = render.worker_pod(j, spec, Settings(), 0, 0, "x")
     terms = node_terms(pod)
@@ -85,8 +101,15 @@ def test_gpu_resources_type_and_settings_names():
 
 
 def test_pass_through_fields_and_safe_defaults():
-    j, spec = job(pod={"image": "my/trainer:1", "env": [{"name": "X", "value": "1"}], "nodeSelector": {"pool": "a"},
-                       "priorityClassName": "batch", "labels": {"team": "nlp", "kubetune.io/rank": "spoof"}})
+    j, spec = job(
+        pod={
+            "image": "my/trainer:1",
+            "env": [{"name": "X", "value": "1"}],
+            "nodeSelector": {"pool": "a"},
+            "priorityClassName": "batch",
+            "labels": {"team": "nlp", "kubetune.io/rank": "spoof"},
+        }
+    )
     pod = render.worker_pod(j, spec, Settings(), 0, 0, "x")
     c = pod["spec"]["containers"][0]
     assert c["image"] == "my/trainer:1" and {"name": "X", "value": "1"} in c["env"]

@@ -1,4 +1,5 @@
 """s3:// URI parsing and S3 error translation: pure, no server."""
+
 import botocore.exceptions as bce
 import pytest
 

@@ -18,6 +18,7 @@ upload is in flight; on SIGTERM, `wait()` blocks until it is durable.
 
 Kept light: no torch import (the operator image has none).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,15 +32,16 @@ import uuid
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from . import s3 as s3mod
 from kubetune_contract.config import S3Spec
 from kubetune_contract.progress import CheckpointRef
+
+from . import s3 as s3mod
 from .errors import CorruptCheckpoint, KubetuneError, RetriableError, UserError
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def step_dir_name(step: int) -> str:
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def sha256_file(path: Path, bufsize: int = 4 * s3mod.MB) -> str:
@@ -107,7 +109,7 @@ class CheckpointInfo:
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
-    def from_manifest(cls, data: bytes, *, uri: str, expected_step: int) -> "CheckpointInfo":
+    def from_manifest(cls, data: bytes, *, uri: str, expected_step: int) -> CheckpointInfo:
         """Parse and validate a manifest; CorruptCheckpoint says what is wrong with it."""
 
         def bad(why: str) -> CorruptCheckpoint:
@@ -137,7 +139,7 @@ class CheckpointInfo:
             except UserError as exc:
                 raise bad(str(exc)) from None
             if rel == MANIFEST:
-                raise bad(f"lists itself")
+                raise bad("lists itself")
             if not isinstance(e, dict):
                 raise bad(f"entry {rel!r} is not an object")
             size, digest = e.get("size"), e.get("sha256")
@@ -159,17 +161,20 @@ class _Metrics:
         self.save_seconds = Histogram(
             "kubetune_checkpoint_save_seconds",
             "Seconds to make one checkpoint durable in S3 (upload + manifest), after the local save.",
-            buckets=secs, registry=registry,
+            buckets=secs,
+            registry=registry,
         )
         self.blocked_seconds = Histogram(
             "kubetune_checkpoint_blocked_seconds",
             "Seconds save_async() held up training (waiting for the previous upload, staging).",
-            buckets=secs, registry=registry,
+            buckets=secs,
+            registry=registry,
         )
         self.restore_seconds = Histogram(
             "kubetune_checkpoint_restore_seconds",
             "Seconds to find, download and verify the checkpoint resumed from.",
-            buckets=secs, registry=registry,
+            buckets=secs,
+            registry=registry,
         )
         self.upload_bytes = Counter(
             "kubetune_checkpoint_upload_bytes_total", "Checkpoint bytes uploaded to S3.", registry=registry
@@ -190,7 +195,8 @@ class _Metrics:
         )
         self.last_time = Gauge(
             "kubetune_checkpoint_last_durable_timestamp_seconds",
-            "Unix time the newest checkpoint became durable.", registry=registry,
+            "Unix time the newest checkpoint became durable.",
+            registry=registry,
         )
 
 
@@ -264,7 +270,7 @@ class CheckpointStore:
         objects: dict[int, dict[str, int]] = {}
         base = self.root.dir_prefix
         for o in s3mod.iter_objects(self.client, self.root):
-            dirname, _, rel = o.key[len(base):].partition("/")
+            dirname, _, rel = o.key[len(base) :].partition("/")
             m = _STEP_DIR_RE.match(dirname)
             if m and rel:
                 objects.setdefault(int(m.group(1)), {})[rel] = o.size
@@ -323,9 +329,7 @@ class CheckpointStore:
             self._m.restore_seconds.observe(seconds)
             self._m.download_bytes.inc(nbytes)
             self._set_durable(info)
-            log.info(
-                "checkpoint restored step=%d uri=%s bytes=%d seconds=%.2f", info.step, info.uri, nbytes, seconds
-            )
+            log.info("checkpoint restored step=%d uri=%s bytes=%d seconds=%.2f", info.step, info.uri, nbytes, seconds)
             return info
         log.info("checkpoint none valid under %s; starting from scratch", self.root)
         return None
@@ -355,14 +359,15 @@ class CheckpointStore:
                 raise CorruptCheckpoint(f"a file vanished while downloading: {exc}") from None
             rels = list(info.files)
             with ThreadPoolExecutor(self._hash_workers) as pool:
-                digests = dict(zip(rels, pool.map(lambda r: sha256_file(tmp / r), rels)))
+                digests = dict(zip(rels, pool.map(lambda r: sha256_file(tmp / r), rels), strict=True))
             for rel, entry in info.files.items():
                 size = (tmp / rel).stat().st_size
                 if size != entry.size:
                     raise CorruptCheckpoint(f"{info.uri}/{rel}: downloaded {size} bytes, manifest says {entry.size}")
                 if digests[rel] != entry.sha256:
                     raise CorruptCheckpoint(
-                        f"{info.uri}/{rel}: sha256 {digests[rel][:16]}… does not match the manifest's {entry.sha256[:16]}…"
+                        f"{info.uri}/{rel}: sha256 {digests[rel][:16]}… "
+                        f"does not match the manifest's {entry.sha256[:16]}…"
                     )
             if dest.exists():
                 dest.rmdir()  # empty (checked by the caller)
@@ -424,7 +429,7 @@ class CheckpointStore:
                 digests = {rel: pool.submit(sha256_file, p) for rel, p in files.items()}
                 nbytes = s3mod.upload_files(self.client, files, uri, config=self._transfer)
                 entries = {rel: FileEntry(p.stat().st_size, digests[rel].result()) for rel, p in files.items()}
-            remote = {o.key[len(uri.dir_prefix):]: o.size for o in s3mod.iter_objects(self.client, uri)}
+            remote = {o.key[len(uri.dir_prefix) :]: o.size for o in s3mod.iter_objects(self.client, uri)}
             for rel, e in entries.items():
                 if remote.get(rel) != e.size:
                     raise RetriableError(
@@ -448,7 +453,11 @@ class CheckpointStore:
         self._set_durable(info)
         log.info(
             "checkpoint committed step=%d uri=%s bytes=%d seconds=%.2f MBps=%.1f",
-            step, uri, nbytes, seconds, nbytes / s3mod.MB / max(seconds, 1e-9),
+            step,
+            uri,
+            nbytes,
+            seconds,
+            nbytes / s3mod.MB / max(seconds, 1e-9),
         )
         try:
             self._prune(step)
@@ -472,7 +481,7 @@ class CheckpointStore:
     def _clear_step(self, step: int) -> None:
         # A retry after a preemption reaches the same step again: start from a clean directory.
         uri = self.step_uri(step)
-        existing = {o.key[len(uri.dir_prefix):]: o.size for o in s3mod.iter_objects(self.client, uri)}
+        existing = {o.key[len(uri.dir_prefix) :]: o.size for o in s3mod.iter_objects(self.client, uri)}
         if existing:
             log.info("checkpoint overwriting step=%d (%d leftover objects)", step, len(existing))
             self._delete_step(step, existing)
@@ -483,9 +492,7 @@ class CheckpointStore:
         than the one just committed."""
         listing = self._scan(read_manifests=False)
         bad = set(self._known_bad)
-        committed = sorted(
-            {s for s, objs in listing.objects.items() if MANIFEST in objs}, reverse=True
-        )
+        committed = sorted({s for s, objs in listing.objects.items() if MANIFEST in objs}, reverse=True)
         good = [s for s in committed if s not in bad or s == just_committed]
         keep = set(good[: self.keep_last]) | {just_committed}
         doomed = [s for s in committed if s not in keep]
@@ -514,7 +521,7 @@ class CheckpointStore:
     def close(self, wait: bool = True) -> None:
         self._executor.shutdown(wait=wait)
 
-    def __enter__(self) -> "CheckpointStore":
+    def __enter__(self) -> CheckpointStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -18,17 +18,20 @@ so no example is trained to predict from its neighbour's last token.
 Ordering is deterministic: the epoch-e order is a permutation seeded by (seed, e), independent of
 any global RNG, so a resumed run sees exactly the batches an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from kubetune_contract.config import DatasetSpec
+
 from .errors import UserError
 
 IGNORE = -100
@@ -148,6 +151,12 @@ def _get_str(rec: dict, key: str, *, required: bool = True, allow_empty: bool = 
     return v
 
 
+def _required_str(rec: dict, key: str) -> str:
+    v = _get_str(rec, key)
+    assert v is not None  # _get_str raises for a missing required field
+    return v
+
+
 class Encoder:
     """Turns one record into an Example, or raises RecordError with the reason."""
 
@@ -159,8 +168,10 @@ class Encoder:
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.prefix_unstable = 0  # chat records whose template rendering was not prefix-stable
         if spec.format == "chat" and not self.has_template:
-            raise UserError("dataset.format=chat needs a tokenizer with a chat template; "
-                            "this base model's tokenizer has none (use format instruction or text)")
+            raise UserError(
+                "dataset.format=chat needs a tokenizer with a chat template; "
+                "this base model's tokenizer has none (use format instruction or text)"
+            )
 
     # -- formats
     def __call__(self, rec: Any) -> Example:
@@ -176,11 +187,11 @@ class Encoder:
             labels = list(ids)
             return self._finish(ids, labels, prompt_len=0)
         if fmt == "instruction":
-            prompt = _get_str(rec, f.prompt)
-            response = _get_str(rec, f.response)
+            prompt = _required_str(rec, f.prompt)
+            response = _required_str(rec, f.response)
             system = _get_str(rec, f.system, required=False) if f.system else None
             if self.has_template:
-                msgs = ([{"role": "system", "content": system}] if system else [])
+                msgs: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
                 msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
                 return self._chat(msgs)
             ptext = (f"{system}\n\n" if system else "") + prompt + "\n"
@@ -190,12 +201,12 @@ class Encoder:
                 r_ids.append(self.eos)
             return self._finish(p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids, prompt_len=len(p_ids))
         # chat
-        msgs = rec.get(f.messages)
-        if msgs is None:
+        messages = rec.get(f.messages)
+        if messages is None:
             raise RecordError(f"missing field '{f.messages}'")
-        if not isinstance(msgs, list) or not msgs:
+        if not isinstance(messages, list) or not messages:
             raise RecordError(f"field '{f.messages}' must be a non-empty list of messages")
-        for i, m in enumerate(msgs):
+        for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise RecordError(f"{f.messages}[{i}] must be an object with role and content")
             role, content = m.get("role"), m.get("content")
@@ -203,9 +214,9 @@ class Encoder:
                 raise RecordError(f"{f.messages}[{i}].role must be a non-empty string")
             if not isinstance(content, str):
                 raise RecordError(f"{f.messages}[{i}].content must be a string, got {type(content).__name__}")
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise RecordError("empty text: no assistant message with content")
-        return self._chat([{"role": m["role"], "content": m["content"]} for m in msgs])
+        return self._chat([{"role": m["role"], "content": m["content"]} for m in messages])
 
     def _render(self, msgs: list[dict], gen: bool) -> str:
         if not msgs and not gen:
@@ -238,9 +249,9 @@ class Encoder:
             self.prefix_unstable += 1
             return self._finish(ids, list(ids), prompt_len=0)
         labels = []
-        for tid, (s, _e) in zip(ids, enc["offset_mapping"]):
+        for tid, (s, _e) in zip(ids, enc["offset_mapping"], strict=True):
             labels.append(tid if any(a <= s < b for a, b in spans) else IGNORE)
-        first = next((i for i, l in enumerate(labels) if l != IGNORE), None)
+        first = next((i for i, label in enumerate(labels) if label != IGNORE), None)
         if first is None:
             raise RecordError("empty text: no assistant tokens")
         return self._finish(ids, labels, prompt_len=first)
@@ -250,10 +261,9 @@ class Encoder:
         if n == 0:
             raise RecordError("empty text: no tokens")
         if prompt_len >= self.max_len:
-            raise RecordError(f"too long: the prompt alone is {prompt_len} tokens, "
-                              f"max_seq_length is {self.max_len}")
+            raise RecordError(f"too long: the prompt alone is {prompt_len} tokens, max_seq_length is {self.max_len}")
         labels[0] = IGNORE  # never predicted from a (packed) neighbour
-        if not any(l != IGNORE for l in labels[: self.max_len]):
+        if not any(label != IGNORE for label in labels[: self.max_len]):
             raise RecordError("empty text: nothing to train on")
         if n > self.max_len:
             return Example(ids[: self.max_len], labels[: self.max_len], n, True)
@@ -275,7 +285,7 @@ class LengthStats:
     truncated: int = 0
 
     @classmethod
-    def of(cls, examples: list[Example]) -> "LengthStats":
+    def of(cls, examples: list[Example]) -> LengthStats:
         if not examples:
             return cls()
         lens = sorted(e.raw_length for e in examples)
@@ -284,8 +294,9 @@ class LengthStats:
         def pct(p: float) -> int:
             return lens[min(n - 1, max(0, math.ceil(p * n) - 1))]
 
-        return cls(n, lens[0], round(sum(lens) / n, 2), pct(0.5), pct(0.95), lens[-1],
-                   sum(e.truncated for e in examples))
+        return cls(
+            n, lens[0], round(sum(lens) / n, 2), pct(0.5), pct(0.95), lens[-1], sum(e.truncated for e in examples)
+        )
 
 
 @dataclass
@@ -301,12 +312,21 @@ class PreflightReport:
         return self.bad_count / self.records if self.records else 0.0
 
     def summary(self) -> dict:
-        return {"records": self.records, "bad_records": self.bad_count,
-                "bad_fraction": round(self.bad_fraction, 6), "tokens": self.stats.__dict__}
+        return {
+            "records": self.records,
+            "bad_records": self.bad_count,
+            "bad_fraction": round(self.bad_fraction, 6),
+            "tokens": self.stats.__dict__,
+        }
 
 
-def encode_files(files: list[tuple[Path, str]], spec: DatasetSpec, tokenizer, max_seq_length: int,
-                 report: PreflightReport | None = None) -> tuple[list[Example], PreflightReport]:
+def encode_files(
+    files: list[tuple[Path, str]],
+    spec: DatasetSpec,
+    tokenizer,
+    max_seq_length: int,
+    report: PreflightReport | None = None,
+) -> tuple[list[Example], PreflightReport]:
     """Validate and encode every record of the (local path, display name) files."""
     report = report or PreflightReport()
     enc = Encoder(spec, tokenizer, max_seq_length)
@@ -351,8 +371,7 @@ def split_validation(examples: list[Example], fraction: float, seed: int) -> tup
     idx = list(range(len(examples)))
     random.Random(seed).shuffle(idx)
     held = set(idx[:n_eval])
-    return ([e for i, e in enumerate(examples) if i not in held],
-            [e for i, e in enumerate(examples) if i in held])
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +472,7 @@ class Batches:
     def micro_batch(self, epoch: int, micro: int, rank: int) -> list[Sequence]:
         o = self.order(epoch)
         start = micro * self.global_micro + rank * self.batch_size
-        return [self.seqs[i] for i in o[start: start + self.batch_size]]
+        return [self.seqs[i] for i in o[start : start + self.batch_size]]
 
     def steps_per_epoch(self, grad_accum: int) -> int:
         return math.ceil(self.micro_per_epoch / grad_accum)

@@ -2,6 +2,7 @@
 
 Light on purpose (no torch, no boto3): the operator side may import it too.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar

@@ -4,15 +4,18 @@ Every line carries time, level, event and rank; progress events are emitted by r
 caller uses `rank0`). Progress bars of tqdm / transformers / huggingface_hub are switched off when
 stdout is not a terminal (and always in the container), so no carriage-return noise reaches logs.
 """
+
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+import traceback
+from datetime import UTC, datetime
 
 _lock = threading.Lock()
 _rank = 0
@@ -36,8 +39,7 @@ def _clean(v):
 
 
 def log(event: str, level: str = "info", **fields) -> None:
-    rec = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "level": level,
-           "event": event, "rank": _rank}
+    rec = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "level": level, "event": event, "rank": _rank}
     rec.update({k: _clean(v) for k, v in fields.items()})
     line = json.dumps(rec, separators=(",", ":"))
     with _lock:
@@ -82,36 +84,24 @@ def monotonic() -> float:
     return time.monotonic()
 
 
-class _JsonHandler:
+class _JsonHandler(logging.Handler):
     """Routes stdlib `logging` records (S3/checkpoint modules, libraries) into our JSON lines."""
 
-    def __new__(cls):
-        import logging
-
-        class Handler(logging.Handler):
-            def emit(self, record):
-                try:
-                    fields = {"logger": record.name, "message": record.getMessage()}
-                    if record.exc_info:
-                        import traceback
-
-                        fields["traceback"] = "".join(traceback.format_exception(*record.exc_info))[-2000:]
-                    log("log", record.levelname.lower(), **fields)
-                except Exception:
-                    pass
-
-        return Handler()
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {"logger": record.name, "message": record.getMessage()}
+            if record.exc_info:
+                fields["traceback"] = "".join(traceback.format_exception(*record.exc_info))[-2000:]
+            log("log", record.levelname.lower(), **fields)
+        except Exception:
+            pass
 
 
 def capture_stdlib_logging() -> None:
     """kubetune_trainer.* at INFO, everything else at WARNING, all as JSON lines on stdout."""
-    import logging
-
     root = logging.getLogger()
-    if any(getattr(h, "_kubetune", False) for h in root.handlers):
+    if any(isinstance(h, _JsonHandler) for h in root.handlers):
         return
-    h = _JsonHandler()
-    h._kubetune = True
-    root.addHandler(h)
+    root.addHandler(_JsonHandler())
     root.setLevel(logging.WARNING)
     logging.getLogger("kubetune_trainer").setLevel(logging.INFO)

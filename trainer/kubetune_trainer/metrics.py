@@ -4,14 +4,16 @@ The server runs in a daemon thread; nothing here may fail training: every update
 a port that cannot be bound only logs a warning. GPU utilization and memory come from NVML at
 scrape time when `pynvml` (nvidia-ml-py) and a driver are present; on CPU those series are absent.
 """
+
 from __future__ import annotations
 
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -39,9 +41,9 @@ class Throughput:
 class _NvmlCollector:
     """GPU utilization (ratio) and memory used (bytes) per visible GPU, read at scrape time."""
 
-    def __init__(self):
-        self._nvml = None
-        self._handles = []
+    def __init__(self) -> None:
+        self._nvml: Any = None  # the pynvml module, when a driver answers
+        self._handles: list[Any] = []
         try:
             import pynvml  # lazily: absent on CPU images
 
@@ -61,10 +63,11 @@ class _NvmlCollector:
         util = GaugeMetricFamily("kubetune_trainer_gpu_utilization_ratio", "GPU utilization (0-1)", labels=["gpu"])
         mem = GaugeMetricFamily("kubetune_trainer_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
         total = GaugeMetricFamily("kubetune_trainer_gpu_memory_total_bytes", "GPU memory size", labels=["gpu"])
+        nvml = self._nvml
         for i, h in enumerate(self._handles):
             try:
-                u = self._nvml.nvmlDeviceGetUtilizationRates(h)
-                m = self._nvml.nvmlDeviceGetMemoryInfo(h)
+                u = nvml.nvmlDeviceGetUtilizationRates(h)
+                m = nvml.nvmlDeviceGetMemoryInfo(h)
                 util.add_metric([str(i)], u.gpu / 100.0)
                 mem.add_metric([str(i)], float(m.used))
                 total.add_metric([str(i)], float(m.total))
@@ -86,11 +89,16 @@ class TrainerMetrics:
         self.eval_loss = Gauge("kubetune_trainer_eval_loss", "Last evaluation loss", registry=r)
         self.lr = Gauge("kubetune_trainer_learning_rate", "Current learning rate", registry=r)
         self.tps = Gauge("kubetune_trainer_tokens_per_second", "Training throughput, tokens (all ranks)", registry=r)
-        self.sps = Gauge("kubetune_trainer_samples_per_second", "Training throughput, sequences (all ranks)", registry=r)
+        self.sps = Gauge(
+            "kubetune_trainer_samples_per_second", "Training throughput, sequences (all ranks)", registry=r
+        )
         self.tokens = Counter("kubetune_trainer_tokens", "Tokens trained on (all ranks)", registry=r)
         # (checkpoint upload metrics, kubetune_checkpoint_*, come from CheckpointStore on this registry)
-        self.checkpoint_save = Gauge("kubetune_trainer_checkpoint_local_save_seconds",
-                                     "Training time blocked by the last local checkpoint save", registry=r)
+        self.checkpoint_save = Gauge(
+            "kubetune_trainer_checkpoint_local_save_seconds",
+            "Training time blocked by the last local checkpoint save",
+            registry=r,
+        )
         self.nvml = _NvmlCollector()
         if self.nvml.available:
             r.register(self.nvml)
@@ -102,8 +110,20 @@ class TrainerMetrics:
             pass
 
 
+class _Server(ThreadingHTTPServer):
+    """The HTTP server, carrying what the handler serves."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], metrics: TrainerMetrics, progress: Callable[[], dict]) -> None:
+        super().__init__(address, _Handler)
+        self.metrics = metrics
+        self.progress = progress
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "kubetune-trainer"
+    server: _Server
 
     def do_GET(self):  # noqa: N802
         try:
@@ -137,13 +157,10 @@ class MetricsServer:
         self.port = None
         self._httpd = None
         try:
-            httpd = ThreadingHTTPServer((host, port), _Handler)
+            httpd = _Server((host, port), metrics, progress)
         except OSError as e:
             logs.log("metrics_server_unavailable", "warning", port=port, error=str(e))
             return
-        httpd.daemon_threads = True
-        httpd.metrics = metrics
-        httpd.progress = progress
         self._httpd = httpd
         self.port = httpd.server_address[1]
         threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()

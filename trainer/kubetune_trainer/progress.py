@@ -3,6 +3,7 @@ most every progress_interval_seconds, and written to the termination log at exit
 
 Nothing here can fail training: every method catches everything.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ from pathlib import Path
 
 from kubetune_contract.layout import MESSAGE_MAX_CHARS, TERMINATION_LOG_LIMIT
 from kubetune_contract.progress import ProgressRecord
-
 
 
 class Progress:
@@ -36,8 +36,7 @@ class Progress:
                 phase_changed = "phase" in fields and fields["phase"] != self._pending.get("phase")
                 self._pending.update(fields)
                 now = self._clock()
-                if (force or phase_changed or self._last_publish is None
-                        or now - self._last_publish >= self.interval):
+                if force or phase_changed or self._last_publish is None or now - self._last_publish >= self.interval:
                     self._publish_locked(now)
         except Exception:
             pass

@@ -10,12 +10,12 @@ the trainer exits with the code the operator expects.
 
 Kept light: boto3 only, no torch.
 """
+
 from __future__ import annotations
 
 import logging
-import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -26,9 +26,10 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 
 from kubetune_contract import envvars, uris
+from kubetune_contract.config import S3Spec
 from kubetune_contract.uris import S3_SCHEME as SCHEME
 from kubetune_contract.uris import S3Uri
-from kubetune_contract.config import S3Spec
+
 from .errors import KubetuneError, RetriableError, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,8 +51,15 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 _TRANSIENT_CODES = {
-    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
-    "Throttling", "ThrottlingException", "RequestLimitExceeded", "XMinioServerNotInitialized",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "XMinioServerNotInitialized",
     "XMinioStorageFull",
 }
 
@@ -192,7 +200,10 @@ def translate_error(
             f"{bucket!r}: the secret key does not match the access key; check {envvars.S3_SECRET_KEY} "
             "in the credentials Secret"
         )
-    if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException") or status == 301:
+    if (
+        code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException")
+        or status == 301
+    ):
         return UserError(
             f"{where}bucket {bucket!r} is not in the configured region at {endpoint} ({code or status}): "
             f"set s3.region to the bucket's region{': ' + msg if msg else ''}"
@@ -293,7 +304,7 @@ def list_dirs(client: S3Client, uri: str | S3Uri) -> list[str]:
     def collect() -> None:
         for page in paginator.paginate(Bucket=u.bucket, Prefix=u.dir_prefix, Delimiter="/"):
             for p in page.get("CommonPrefixes", []) or []:
-                out.append(p["Prefix"][len(u.dir_prefix):].rstrip("/"))
+                out.append(p["Prefix"][len(u.dir_prefix) :].rstrip("/"))
 
     _call(client, "list_objects_v2", u, collect)
     return sorted(out)
@@ -320,7 +331,9 @@ def get_bytes(client: S3Client, uri: str | S3Uri) -> bytes:
     return _call(client, "get_object", u, fetch)
 
 
-def put_bytes(client: S3Client, uri: str | S3Uri, data: bytes, *, content_type: str = "application/octet-stream") -> None:
+def put_bytes(
+    client: S3Client, uri: str | S3Uri, data: bytes, *, content_type: str = "application/octet-stream"
+) -> None:
     u = _as_uri(uri)
     _call(client, "put_object", u, client.put_object, Bucket=u.bucket, Key=u.key, Body=data, ContentType=content_type)
 
@@ -332,14 +345,22 @@ def delete_keys(client: S3Client, bucket: str, keys: Iterable[str]) -> int:
         batch = keys[i : i + _DELETE_BATCH]
         target = f"{SCHEME}{bucket}/{batch[0]}"
         r = _call(
-            client, "delete_objects", target, client.delete_objects,
-            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            client,
+            "delete_objects",
+            target,
+            client.delete_objects,
+            Bucket=bucket,
+            Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
         )
         errs = r.get("Errors") or []
         if errs:
             e = errs[0]
-            fake = bce.ClientError({"Error": {"Code": e.get("Code", ""), "Message": e.get("Message", "")}}, "DeleteObjects")
-            raise translate_error(fake, client=client, op="delete_objects", target=f"{SCHEME}{bucket}/{e.get('Key', '')}")
+            fake = bce.ClientError(
+                {"Error": {"Code": e.get("Code", ""), "Message": e.get("Message", "")}}, "DeleteObjects"
+            )
+            raise translate_error(
+                fake, client=client, op="delete_objects", target=f"{SCHEME}{bucket}/{e.get('Key', '')}"
+            )
     return len(keys)
 
 
@@ -360,8 +381,8 @@ def _wait_all(futures: list[tuple[Any, str]], client: S3Client, op: str) -> None
             if first is None:
                 first = (exc, target)
     if first is not None:
-        exc, target = first
-        raise translate_error(exc, client=client, op=op, target=target) from exc
+        err, failed_target = first
+        raise translate_error(err, client=client, op=op, target=failed_target) from err
 
 
 def upload_files(
@@ -404,7 +425,9 @@ def local_files(local_dir: Path) -> dict[str, Path]:
     return out
 
 
-def upload_dir(client: S3Client, local_dir: Path, uri: str | S3Uri, *, config: TransferConfig | None = None) -> dict[str, int]:
+def upload_dir(
+    client: S3Client, local_dir: Path, uri: str | S3Uri, *, config: TransferConfig | None = None
+) -> dict[str, int]:
     """Upload a directory tree below `uri`; returns {relative path: size}."""
     files = local_files(local_dir)
     upload_files(client, files, uri, config=config)
@@ -420,7 +443,7 @@ def _safe_rel(rel: str, source: str) -> PurePosixPath:
 
 def download_files(
     client: S3Client,
-    keys: dict[str, str | S3Uri],
+    keys: Mapping[str, str | S3Uri],
     dest: Path,
     *,
     config: TransferConfig | None = None,
@@ -461,7 +484,7 @@ def download_prefix(
     u = _as_uri(uri, field)
     objs = [o for o in iter_objects(client, u) if not o.key.endswith("/")]  # skip directory markers
     if objs:
-        keys = {o.key[len(u.dir_prefix):]: S3Uri(u.bucket, o.key) for o in objs}
+        keys = {o.key[len(u.dir_prefix) :]: S3Uri(u.bucket, o.key) for o in objs}
     elif allow_single_object and u.key and head(client, u) is not None:
         keys = {u.name: u}
     else:

@@ -1,12 +1,14 @@
 """Where the base model and the dataset come from: local/pvc paths, s3:// (downloaded to local
 disk concurrently with kubetune_trainer.s3), or a hub id."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import logs
 from kubetune_contract.config import TrainerConfig
 from kubetune_contract.uris import is_s3, local_path_for_uri
+
+from . import logs
 from .errors import UserError
 
 
@@ -36,8 +38,13 @@ def model_source(cfg: TrainerConfig, client_factory, dest: Path, download: bool 
 
         t0 = logs.monotonic()
         files = s3.download_prefix(client_factory(), uri, dest, field="baseModel.uri")
-        logs.log("model_downloaded", uri=uri, files=len(files),
-                 bytes=sum(f.stat().st_size for f in files), seconds=round(logs.monotonic() - t0, 2))
+        logs.log(
+            "model_downloaded",
+            uri=uri,
+            files=len(files),
+            bytes=sum(f.stat().st_size for f in files),
+            seconds=round(logs.monotonic() - t0, 2),
+        )
         return str(dest)
     p = local_path(uri)
     if p is not None:
@@ -64,7 +71,7 @@ def dataset_files(uri: str, client_factory, dest: Path, field: str) -> list[tupl
             objs = [o for o in s3.iter_objects(client, u) if is_data_file(o.key)]
             if not objs:
                 raise UserError(f"{field}: no .jsonl or .parquet objects at {uri}")
-            keys = {o.key[len(u.dir_prefix):]: s3.S3Uri(u.bucket, o.key) for o in sorted(objs, key=lambda o: o.key)}
+            keys = {o.key[len(u.dir_prefix) :]: s3.S3Uri(u.bucket, o.key) for o in sorted(objs, key=lambda o: o.key)}
         s3.download_files(client, keys, dest)
         return [(dest / rel, str(src)) for rel, src in keys.items()]
     p = local_path(uri)
@@ -80,8 +87,10 @@ def _hub_dataset(repo: str, dest: Path, field: str) -> list[tuple[Path, str]]:
     try:
         from datasets import load_dataset
     except Exception:
-        raise UserError(f"{field}: {repo!r} looks like a hub dataset id, which needs the `datasets` "
-                        "package in the trainer image; use s3:// or pvc:// data instead") from None
+        raise UserError(
+            f"{field}: {repo!r} looks like a hub dataset id, which needs the `datasets` "
+            "package in the trainer image; use s3:// or pvc:// data instead"
+        ) from None
     try:
         ds = load_dataset(repo, split="train")
     except Exception as e:
