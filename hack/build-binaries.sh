@@ -2,7 +2,7 @@
 # Builds the pinned upstream binaries kubetune's tests and demo need, from the Go module proxy,
 # into a cache outside the repo ($KUBETUNE_CACHE/bin/<name>-<version>/). Idempotent: a binary
 # that is already there is not rebuilt.
-#   hack/build-binaries.sh [kubernetes|etcd|kwok|minio|weed|helm|prometheus|all ...]
+#   hack/build-binaries.sh [kubernetes|etcd|kwok|minio|helm|prometheus|all ...]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -85,34 +85,13 @@ build_helm() {
   mv "$out/helm.tmp" "$out/helm"
 }
 build_minio() { build_go_main minio "$MINIO_VERSION" github.com/minio/minio github.com/minio/minio; }
-# SeaweedFS (Apache-2.0) `weed`: an S3 server evaluated to replace MinIO (hack/kubetune_dev/seaweedfs.py);
-# not in `all` or setup.sh while a behaviour the tests rely on differs (see that file).
-build_weed() {
-  local v=$SEAWEEDFS_VERSION mod=github.com/seaweedfs/seaweedfs out="$CACHE/bin/weed-$SEAWEEDFS_VERSION"
-  have "$out/weed" && return
-  local d; d=$(wrapper weed); cd "$d"
-  log "building weed (SeaweedFS) $v"
-  # A dependency's replace directives do not apply to the module that requires it: copy
-  # upstream's module-to-module replaces (e.g. a fork of a module deleted from GitHub).
-  local gomod; gomod=$(go mod download -json "$mod@$v" | python3 -c 'import json,sys;print(json.load(sys.stdin)["GoMod"])')
-  local r; for r in $(go mod edit -json "$gomod" | python3 -c 'import json,sys
-for r in json.load(sys.stdin).get("Replace") or []:
-    if r["New"].get("Version"): print(r["Old"]["Path"] + "=" + r["New"]["Path"] + "@" + r["New"]["Version"])'); do
-    go mod edit -replace="$r"
-  done
-  go get "$mod@$v" >/dev/null
-  mkdir -p "$out"
-  # `weed version` prints the release number from the source and this commit.
-  go build -trimpath -ldflags "-s -w -X $mod/weed/util/version.COMMIT=${v##*-}" -o "$out/weed.tmp" "$mod/weed"
-  mv "$out/weed.tmp" "$out/weed"
-}
 build_prometheus() { build_go_main prometheus "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus; }
 
 targets=("$@"); [ ${#targets[@]} = 0 ] && targets=(all)
 for t in "${targets[@]}"; do
   case $t in
     all) build_etcd; build_kubernetes; build_kwok; build_minio; build_helm ;;
-    kubernetes|etcd|kwok|minio|weed|helm|prometheus) "build_$t" ;;
+    kubernetes|etcd|kwok|minio|helm|prometheus) "build_$t" ;;
     *) echo "unknown target: $t" >&2; exit 2 ;;
   esac
 done

@@ -19,7 +19,6 @@ _TARGETS = {
     "etcd": ("etcd", "ETCD_VERSION"),
     "kwok": ("kwok", "KWOK_VERSION"),
     "minio": ("minio", "MINIO_VERSION"),
-    "weed": ("weed", "SEAWEEDFS_VERSION"),
     "helm": ("helm", "HELM_VERSION"),
     "prometheus": ("prometheus", "PROMETHEUS_VERSION"),
 }
