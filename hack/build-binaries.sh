@@ -85,12 +85,28 @@ build_helm() {
   mv "$out/helm.tmp" "$out/helm"
 }
 build_minio() { build_go_main minio "$MINIO_VERSION" github.com/minio/minio github.com/minio/minio; }
-build_prometheus() { build_go_main prometheus "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus; }
+build_prometheus() {  # the server and promtool (`promtool check metrics`), one module, one wrapper
+  local out="$CACHE/bin/prometheus-$PROMETHEUS_VERSION" m=github.com/prometheus/prometheus
+  [ -x "$out/prometheus" ] && [ -x "$out/promtool" ] && { log "cached: $out"; return; }
+  local d; d=$(wrapper prometheus); cd "$d"
+  log "building prometheus + promtool $PROMETHEUS_VERSION (slow on a cold cache)"
+  go get "$m@$PROMETHEUS_VERSION" >/dev/null
+  # Its Go module versions encode 3.x.y as v0.3xx.y (v0.306.0 is Prometheus 3.6.0); stamp the
+  # release version into `--version` and prometheus_build_info, as its Makefile (promu) does.
+  local mm=${PROMETHEUS_VERSION#v0.}; local release="$((${mm%%.*} / 100)).$((${mm%%.*} % 100)).${mm#*.}"
+  local ld="-s -w -X github.com/prometheus/common/version.Version=$release -X github.com/prometheus/common/version.Branch=HEAD"
+  mkdir -p "$out"
+  for c in prometheus promtool; do
+    [ -x "$out/$c" ] && continue
+    go build -trimpath -ldflags "$ld" -o "$out/$c.tmp" "$m/cmd/$c"
+    mv "$out/$c.tmp" "$out/$c"
+  done
+}
 
 targets=("$@"); [ ${#targets[@]} = 0 ] && targets=(all)
 for t in "${targets[@]}"; do
   case $t in
-    all) build_etcd; build_kubernetes; build_kwok; build_minio; build_helm ;;
+    all) build_etcd; build_kubernetes; build_kwok; build_minio; build_helm; build_prometheus ;;
     kubernetes|etcd|kwok|minio|helm|prometheus) "build_$t" ;;
     *) echo "unknown target: $t" >&2; exit 2 ;;
   esac

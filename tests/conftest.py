@@ -5,5 +5,6 @@ install (`make setup`) or PYTHONPATH."""
 pytest_plugins = [
     "tests.fixtures.minio",
     "tests.fixtures.control_plane",
+    "tests.fixtures.prometheus",
     "tests.fixtures.tiny_model",
 ]

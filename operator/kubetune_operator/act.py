@@ -18,6 +18,7 @@ from . import api, render
 from .context import JobKey, OperatorContext
 from .decide import Decision, pod_rejected
 from .kube import api_error_message
+from .metrics import JobInfo
 from .observe import read_job
 from .timeutil import utc_now
 
@@ -44,22 +45,18 @@ def act(ctx: OperatorContext, job: dict[str, Any], spec: api.FineTuneJobSpec | N
             _pod_rejected(ctx, job, e)
             return
         if created:
-            ctx.metrics.pods_created.labels(ns).inc()
+            ctx.metrics.pods_created.labels(job_namespace=ns).inc()
     for pod_name in d.delete_pods:
         k.delete_pod(ns, pod_name)
     for ev in d.events:
         post_event(job, ev.type, ev.reason, ev.message)
         log.info("job=%s/%s event=%s %s", ns, name, ev.reason, ev.message)
-        if ev.reason == "Preempted":
-            ctx.metrics.preemptions.labels(ns).inc()
-        elif ev.reason == "WorkerFailed":
-            ctx.metrics.restarts.labels(ns).inc()
     if d.delete_job:
         log.info("job=%s/%s ttlSecondsAfterFinished passed: deleting it", ns, name)
         k.delete_job(ns, name)
         ctx.metrics.jobs.forget(ns, name)
     else:
-        ctx.metrics.jobs.update(ns, name, d.status)
+        ctx.metrics.jobs.update(ns, name, d.status, JobInfo.of(spec))  # preemptions, restarts, cost: from status
 
 
 def _pod_rejected(ctx: OperatorContext, job: dict[str, Any], e: ApiException) -> None:

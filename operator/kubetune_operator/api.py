@@ -202,9 +202,18 @@ class Progress(SpecModel):
 
 
 class Cost(SpecModel):
-    gpu_hours: float = 0.0
-    spot_gpu_hours: float = 0.0
-    estimated_usd: str = Field("0.00", description="Decimal string, e.g. 12.34.")
+    """What the job's worker containers have used, accrued for the time they ran (operator/cost.py).
+    Every total only grows: the operator's /metrics exports them as counters."""
+
+    gpu_hours: float = Field(0.0, description="GPU-hours, all capacity types.")
+    spot_gpu_hours: float = Field(0.0, description="GPU-hours on spot nodes.")
+    on_demand_gpu_hours: float = Field(0.0, description="GPU-hours on on-demand nodes (or nodes no longer known).")
+    estimated_usd: str = Field("0.00", description="Estimated USD at the operator's price table; decimal string.")
+    on_demand_usd: str = Field(
+        "0.00",
+        description="What the same worker time would have cost on on-demand nodes (decimal string); "
+        "minus estimatedUsd: the spot savings.",
+    )
     accrued_until: str | None = Field(None, description="Cost is accrued up to this time (RFC 3339).")
 
 

@@ -55,7 +55,8 @@ class OperatorContext:
     @classmethod
     def create(cls, settings: Settings) -> OperatorContext:
         """After the client configuration is loaded (kube.load_client_config)."""
-        return cls(settings=settings, kube=Kube(), metrics=OperatorMetrics())
+        metrics = OperatorMetrics()
+        return cls(settings=settings, kube=Kube(requests=metrics.api_requests), metrics=metrics)
 
     def lock(self, key: JobKey) -> asyncio.Lock:
         """One pass per job at a time."""

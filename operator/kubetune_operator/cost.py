@@ -1,4 +1,5 @@
-"""GPU-hours and estimated USD, accrued in the job's status for the time trainer containers run. Pure."""
+"""GPU-hours (by capacity type), estimated USD and its on-demand equivalent, accrued in the job's
+status for the time trainer containers run. Pure."""
 
 from __future__ import annotations
 
@@ -41,14 +42,19 @@ def accrue(
     price: GpuPrice,
     now: dt.datetime,
 ) -> dict[str, Any]:
-    """Add, for every worker container, the part of its run between `accruedUntil` and `now`.
-    Idempotent for a given `now`."""
+    """Add, for every worker container, the part of its run between `accruedUntil` and `now`:
+    GPU-hours by capacity type, USD at the node's price, and USD at the on-demand price of the
+    same GPU type (what the job would have cost without spot). Idempotent for a given `now`;
+    every total only grows (the operator's metrics export them as counters)."""
     now = now.replace(microsecond=0)  # accruedUntil has second resolution; stay consistent with it
     cost = dict(cost or {})
     since = parse_time(cost.get("accruedUntil")) or now
     usd = float(cost.get("estimatedUsd", "0") or 0)
     gpu_hours = float(cost.get("gpuHours", 0.0))
     spot_gpu_hours = float(cost.get("spotGpuHours", 0.0))
+    # A status from before these fields existed: everything that was not spot was on-demand.
+    on_demand_gpu_hours = float(cost.get("onDemandGpuHours", max(0.0, round(gpu_hours - spot_gpu_hours, 6))))
+    on_demand_usd = float(cost.get("onDemandUsd", usd) or 0)
     for pod in pods:
         if pod.started_at is None or not pod.node:
             continue
@@ -57,12 +63,18 @@ def accrue(
         hours = max(0.0, (end - start).total_seconds() / 3600)
         node = nodes.get(pod.node)
         usd += hours * price(node, resources)
+        on_demand_node = NodeView(node.name, "on-demand", node.gpu_type) if node is not None else None
+        on_demand_usd += hours * price(on_demand_node, resources)
         gpu_hours += hours * resources.gpus
         if node is not None and node.capacity_type == "spot":
             spot_gpu_hours += hours * resources.gpus
+        else:
+            on_demand_gpu_hours += hours * resources.gpus
     return {
         "gpuHours": round(gpu_hours, 6),
         "spotGpuHours": round(spot_gpu_hours, 6),
+        "onDemandGpuHours": round(on_demand_gpu_hours, 6),
         "estimatedUsd": f"{usd:.4f}",
+        "onDemandUsd": f"{on_demand_usd:.4f}",
         "accruedUntil": rfc3339(now),
     }

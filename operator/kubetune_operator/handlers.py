@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from . import act, api, render
+from . import act, api, metrics, render
 from .context import OperatorContext
 from .kube import load_client_config
 from .observe import Indexes, node_view, plain, pod_view
@@ -141,10 +141,8 @@ async def startup(
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
     if options.metrics_port:
-        from prometheus_client import start_http_server
-
         try:
-            start_http_server(options.metrics_port, registry=ctx.metrics.registry)
+            metrics.serve(ctx.metrics, options.metrics_port)
         except OSError as e:  # port taken (a second operator in one process): run without /metrics
             log.warning("metrics port %s: %s", options.metrics_port, e)
     # Reconciles block on HTTP calls in threads; the default pool (cores + 4) would serialise them.

@@ -4,18 +4,23 @@ server any other way."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
+from prometheus_client import Counter
 
 from . import api
 
 
 class Kube:
-    def __init__(self, client: kubernetes.client.ApiClient | None = None):
+    """`requests`: a Counter labelled (verb, resource, result) that every call below increments."""
+
+    def __init__(self, client: kubernetes.client.ApiClient | None = None, requests: Counter | None = None):
         if client is None:
             config = kubernetes.client.Configuration.get_default_copy()
             config.connection_pool_maxsize = 32  # as many as reconcile threads
@@ -23,11 +28,29 @@ class Kube:
         self.client = client
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
+        self._requests = requests
+
+    @contextlib.contextmanager
+    def _request(self, verb: str, resource: str) -> Iterator[None]:
+        """Count one API request by its result: ok, the HTTP status code, or connection_error."""
+        result = "ok"
+        try:
+            yield
+        except ApiException as e:
+            result = str(e.status) if e.status else "connection_error"
+            raise
+        except Exception:
+            result = "connection_error"  # urllib3 errors: no response
+            raise
+        finally:
+            if self._requests is not None:
+                self._requests.labels(verb, resource, result).inc()
 
     # -- FineTuneJob ------------------------------------------------------------------------
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+            with self._request("get", api.PLURAL):
+                return self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -36,15 +59,17 @@ class Kube:
     def patch_status(self, job: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         """Merge-patch the status, conditional on the resourceVersion we decided from (409 = re-decide)."""
         body = {"metadata": {"resourceVersion": job["metadata"]["resourceVersion"]}, "status": status}
-        return self.custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, job["metadata"]["namespace"], api.PLURAL, job["metadata"]["name"], body
-        )
+        with self._request("patch", f"{api.PLURAL}/status"):
+            return self.custom.patch_namespaced_custom_object_status(
+                api.GROUP, api.VERSION, job["metadata"]["namespace"], api.PLURAL, job["metadata"]["name"], body
+            )
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:
-            self.custom.delete_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name, body={"propagationPolicy": "Background"}
-            )
+            with self._request("delete", api.PLURAL):
+                self.custom.delete_namespaced_custom_object(
+                    api.GROUP, api.VERSION, namespace, api.PLURAL, name, body={"propagationPolicy": "Background"}
+                )
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -53,18 +78,22 @@ class Kube:
     def ensure_config_map(self, cm: dict[str, Any]) -> None:
         ns, name = cm["metadata"]["namespace"], cm["metadata"]["name"]
         try:
-            self.core.create_namespaced_config_map(ns, cm)
+            with self._request("create", "configmaps"):
+                self.core.create_namespaced_config_map(ns, cm)
         except ApiException as e:
             if e.status != 409:
                 raise
-            current = self.core.read_namespaced_config_map(name, ns)
+            with self._request("get", "configmaps"):
+                current = self.core.read_namespaced_config_map(name, ns)
             if (current.data or {}) != cm["data"]:  # spec changed since the last attempt
-                self.core.patch_namespaced_config_map(name, ns, {"data": cm["data"]})
+                with self._request("patch", "configmaps"):
+                    self.core.patch_namespaced_config_map(name, ns, {"data": cm["data"]})
 
     def create_pod(self, pod: dict[str, Any]) -> bool:
         """True if created, False if it already existed."""
         try:
-            self.core.create_namespaced_pod(pod["metadata"]["namespace"], pod)
+            with self._request("create", "pods"):
+                self.core.create_namespaced_pod(pod["metadata"]["namespace"], pod)
             return True
         except ApiException as e:
             if e.status == 409:
@@ -73,7 +102,9 @@ class Kube:
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.client.sanitize_for_serialization(self.core.read_namespaced_pod(name, namespace))
+            with self._request("get", "pods"):
+                pod = self.core.read_namespaced_pod(name, namespace)
+            return self.client.sanitize_for_serialization(pod)
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -81,7 +112,8 @@ class Kube:
 
     def delete_pod(self, namespace: str, name: str) -> None:
         try:
-            self.core.delete_namespaced_pod(name, namespace)
+            with self._request("delete", "pods"):
+                self.core.delete_namespaced_pod(name, namespace)
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -89,7 +121,8 @@ class Kube:
     def get_secret(self, namespace: str, name: str) -> Any | None:
         """The Secret (a V1Secret), or None when there is none; other errors (403 too) raise."""
         try:
-            return self.core.read_namespaced_secret(name, namespace)
+            with self._request("get", "secrets"):
+                return self.core.read_namespaced_secret(name, namespace)
         except ApiException as e:
             if e.status == 404:
                 return None

@@ -1,5 +1,16 @@
-"""Operator metrics (prometheus-client). `kubetune_job_pod_info` is the join key between a job and
-its pods/nodes; the trainer's own metrics come from the trainer pods.
+"""Operator metrics (prometheus-client): the contract documented in docs/metrics.md.
+
+Names follow Prometheus' conventions: prefix `kubetune_`, base units (seconds, not hours), `_total`
+on counters. No label is named like a target label that Prometheus or kube-prometheus-stack adds
+(`job`, `namespace`, `pod`, `instance`, `service`, `container`, `endpoint`): a scrape would
+rename ours to `exported_*` and break every join. Per-job series carry `job_namespace` and
+`finetunejob`; worker series `worker_pod` and `worker_node`. `kubetune_job_info` and
+`kubetune_job_pod_info` (value 1) are the join keys to the job's spec and to its pods and nodes.
+
+Per-job series come from the last status each job was reconciled to (`JobsCollector`). The totals
+of `status.cost`, `preemptions` and `restarts` only grow for a given job, so they are counters; a
+job deleted and recreated under the same name starts again from 0, which is what a counter reset
+means. Cardinality is bounded by jobs x workers: no step, no UID, no attempt label.
 
 Built at startup (one `OperatorMetrics` in the operator context), each with its own registry, so
 importing this module registers nothing and two operators in one process do not collide."""
@@ -8,61 +19,155 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, get_args
 
-from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from . import api
 
-class _JobsCollector(Collector):
-    """Per-job gauges from the last status each job was reconciled to (bounded by the job count)."""
+JOB_LABELS = ["job_namespace", "finetunejob"]
+PHASES: tuple[str, ...] = get_args(api.Phase)
+CAPACITY_TYPES = ("spot", "on-demand")
+SECONDS_PER_HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """The spec facts `kubetune_job_info` carries (one series per job)."""
+
+    model: str = ""
+    method: str = ""
+    gpu_type: str = ""
+    capacity_policy: str = ""
+
+    @classmethod
+    def of(cls, spec: api.FineTuneJobSpec | None) -> JobInfo:
+        if spec is None:
+            return cls()
+        return cls(
+            model=spec.base_model.uri,
+            method=spec.method,
+            gpu_type=spec.resources.gpu_type or "",
+            capacity_policy=spec.capacity.policy,
+        )
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+class JobsCollector(Collector):
+    """Per-job series from the last status (and spec facts) each job was reconciled to."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._jobs: dict[tuple[str, str], dict[str, Any]] = {}
+        self._jobs: dict[tuple[str, str], tuple[dict[str, Any], JobInfo]] = {}
 
-    def update(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def update(self, namespace: str, name: str, status: dict[str, Any], info: JobInfo | None = None) -> None:
         with self._lock:
-            self._jobs[(namespace, name)] = status
+            previous = self._jobs.get((namespace, name))
+            if info is None:
+                info = previous[1] if previous else JobInfo()
+            self._jobs[(namespace, name)] = (status, info)
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
             self._jobs.pop((namespace, name), None)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         with self._lock:
             jobs = dict(self._jobs)
-        phases = GaugeMetricFamily("kubetune_jobs", "FineTuneJobs by phase.", labels=["phase"])
-        counts: dict[str, int] = {}
+        phases = GaugeMetricFamily("kubetune_jobs", "FineTuneJobs known to the operator, by phase.", labels=["phase"])
         info = GaugeMetricFamily(
+            "kubetune_job_info",
+            "A FineTuneJob's spec facts (value 1): join on job_namespace, finetunejob.",
+            labels=[*JOB_LABELS, "model", "method", "gpu_type", "capacity_policy"],
+        )
+        pod_info = GaugeMetricFamily(
             "kubetune_job_pod_info",
-            "Worker pods of a job (value 1).",
-            labels=["namespace", "job", "pod", "node", "capacity_type"],
+            "A job's current worker pods and their nodes (value 1): join on job_namespace, finetunejob.",
+            labels=[*JOB_LABELS, "worker_pod", "worker_node", "capacity_type", "rank"],
         )
-        gpu_hours = GaugeMetricFamily("kubetune_job_gpu_hours", "GPU-hours used by a job.", labels=["namespace", "job"])
-        usd = GaugeMetricFamily("kubetune_job_cost_usd", "Estimated cost of a job in USD.", labels=["namespace", "job"])
+        gpu_seconds = CounterMetricFamily(
+            "kubetune_job_gpu_seconds",
+            "GPU-seconds the job's worker containers ran, by node capacity type.",
+            labels=[*JOB_LABELS, "capacity_type"],
+        )
+        usd = CounterMetricFamily(
+            "kubetune_job_cost_usd", "Estimated cost of the job in USD (operator price table).", labels=JOB_LABELS
+        )
+        on_demand_usd = CounterMetricFamily(
+            "kubetune_job_on_demand_cost_usd",
+            "What the job's worker time would have cost on on-demand nodes, in USD (minus cost: spot savings).",
+            labels=JOB_LABELS,
+        )
+        preemptions = CounterMetricFamily(
+            "kubetune_job_preemptions", "Preemptions the job has absorbed.", labels=JOB_LABELS
+        )
+        restarts = CounterMetricFamily(
+            "kubetune_job_restarts", "Restarts of the job after non-preemption failures.", labels=JOB_LABELS
+        )
         progress = GaugeMetricFamily(
-            "kubetune_job_progress_ratio", "Fraction of steps done (0-1).", labels=["namespace", "job"]
+            "kubetune_job_progress_ratio", "Fraction of the job's steps done (0-1).", labels=JOB_LABELS
         )
-        job_preemptions = GaugeMetricFamily(
-            "kubetune_job_preemptions", "Preemptions a job has absorbed.", labels=["namespace", "job"]
+        eta = GaugeMetricFamily(
+            "kubetune_job_eta_seconds", "Estimated seconds until the job's training ends.", labels=JOB_LABELS
         )
-        for (ns, name), st in jobs.items():
+        counts = dict.fromkeys(PHASES, 0)
+        for (ns, name), (st, spec_info) in sorted(jobs.items()):
+            key = [ns, name]
             phase = st.get("phase") or "Pending"
             counts[phase] = counts.get(phase, 0) + 1
+            info.add_metric([*key, spec_info.model, spec_info.method, spec_info.gpu_type, spec_info.capacity_policy], 1)
             for w in st.get("workers") or []:
-                info.add_metric([ns, name, w["name"], w.get("node") or "", w.get("capacityType") or ""], 1)
+                if w.get("phase") == "Creating":
+                    continue  # not a pod yet
+                labels = [w["name"], w.get("node") or "", w.get("capacityType") or "", str(w.get("rank", 0))]
+                pod_info.add_metric([*key, *labels], 1)
             cost = st.get("cost") or {}
-            gpu_hours.add_metric([ns, name], float(cost.get("gpuHours", 0)))
-            usd.add_metric([ns, name], float(cost.get("estimatedUsd", 0)))
-            pct = (st.get("progress") or {}).get("progressPercentage")
-            if pct is not None:
-                progress.add_metric([ns, name], pct / 100)
-            job_preemptions.add_metric([ns, name], st.get("preemptions") or 0)
-        for phase, n in sorted(counts.items()):
+            spot_hours = _float(cost.get("spotGpuHours"))
+            on_demand_hours = _float(cost.get("onDemandGpuHours", max(0.0, _float(cost.get("gpuHours")) - spot_hours)))
+            gpu_seconds.add_metric([*key, "spot"], spot_hours * SECONDS_PER_HOUR)
+            gpu_seconds.add_metric([*key, "on-demand"], on_demand_hours * SECONDS_PER_HOUR)
+            usd.add_metric(key, _float(cost.get("estimatedUsd")))
+            on_demand_usd.add_metric(key, _float(cost.get("onDemandUsd", cost.get("estimatedUsd"))))
+            preemptions.add_metric(key, st.get("preemptions") or 0)
+            restarts.add_metric(key, st.get("restarts") or 0)
+            ratio = _progress_ratio(st)
+            if ratio is not None:
+                progress.add_metric(key, ratio)
+            remaining = (st.get("progress") or {}).get("estimatedRemainingSeconds")
+            if remaining is not None:
+                eta.add_metric(key, float(remaining))
+        for phase, n in counts.items():
             phases.add_metric([phase], n)
-        yield from (phases, info, gpu_hours, usd, progress, job_preemptions)
+        yield from (phases, info, pod_info, gpu_seconds, usd, on_demand_usd, preemptions, restarts, progress, eta)
+
+
+def _progress_ratio(status: dict[str, Any]) -> float | None:
+    """step/totalSteps when both are known (finer than the integer percentage), else the percentage."""
+    if status.get("phase") == "Succeeded":
+        return 1.0
+    prog = status.get("progress") or {}
+    step, total = prog.get("step"), prog.get("totalSteps")
+    if step is not None and total:
+        return min(1.0, step / total)
+    pct = prog.get("progressPercentage")
+    return None if pct is None else pct / 100
 
 
 class OperatorMetrics:
@@ -81,14 +186,28 @@ class OperatorMetrics:
             registry=r,
         )
         self.reconcile_errors = Counter(
-            "kubetune_reconcile_errors_total", "Reconciles that raised.", ["kind"], registry=r
+            "kubetune_reconcile_errors_total",
+            "Reconcile passes that failed, by kind (conflict, api, sweep).",
+            ["kind"],
+            registry=r,
         )
-        self.preemptions = Counter(
-            "kubetune_preemptions_total", "Trainer pods lost to preemption.", ["namespace"], registry=r
+        self.api_requests = Counter(
+            "kubetune_api_requests_total",
+            "Kubernetes API requests the operator made (not kopf's watches), by verb, resource and result "
+            "(ok, or the HTTP status code, or connection_error).",
+            ["verb", "resource", "result"],
+            registry=r,
         )
-        self.restarts = Counter(
-            "kubetune_restarts_total", "Attempts restarted after a non-preemption failure.", ["namespace"], registry=r
+        self.pods_created = Counter(
+            "kubetune_pods_created_total", "Trainer pods created, by job namespace.", ["job_namespace"], registry=r
         )
-        self.pods_created = Counter("kubetune_pods_created_total", "Trainer pods created.", ["namespace"], registry=r)
-        self.jobs = _JobsCollector()
+        self.jobs = JobsCollector()
         r.register(self.jobs)
+
+
+def serve(metrics: OperatorMetrics, port: int) -> None:
+    """Serve /metrics on `port` (all addresses). The Prometheus text format would carry each
+    counter's and histogram's creation time as an extra `*_created` gauge series, outside the
+    contract: the operator process turns those off (prometheus-client's switch is process-wide)."""
+    disable_created_metrics()
+    start_http_server(port, registry=metrics.registry)

@@ -33,10 +33,12 @@ def reconcile_once(
     if meta.get("deletionTimestamp"):
         act.job_deleting(ctx, (meta["namespace"], meta["name"]))
         return  # owner references take the pods and the ConfigMap with it
-    observed = observe.observe(ctx, job, pods, nodes, poll)
-    decision = decide(observed)
-    act.act(ctx, job, observed.spec, decision)
-    ctx.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+    try:
+        observed = observe.observe(ctx, job, pods, nodes, poll)
+        decision = decide(observed)
+        act.act(ctx, job, observed.spec, decision)
+    finally:  # a pass that ends in a conflict or an API error took time too
+        ctx.metrics.reconcile_seconds.observe(time.perf_counter() - started)
 
 
 async def reconcile(

@@ -33,11 +33,14 @@ def test_accrual_is_incremental_and_idempotent():
     assert cost == {
         "gpuHours": 0.0,
         "spotGpuHours": 0.0,
+        "onDemandGpuHours": 0.0,
         "estimatedUsd": "0.0000",
+        "onDemandUsd": "0.0000",
         "accruedUntil": "2026-11-22T12:00:00Z",
     }
     cost = accrue(cost, pods, nodes, res, lambda node, r: 3.0, T0 + dt.timedelta(minutes=30))
-    assert cost["gpuHours"] == 1.0 and cost["spotGpuHours"] == 0.5 and cost["estimatedUsd"] == "3.0000"
+    assert cost["gpuHours"] == 1.0 and cost["spotGpuHours"] == 0.5 and cost["onDemandGpuHours"] == 0.5
+    assert cost["estimatedUsd"] == "3.0000"
     assert accrue(cost, pods, nodes, res, lambda node, r: 3.0, T0 + dt.timedelta(minutes=30)) == cost
 
 
@@ -58,3 +61,25 @@ def test_only_the_time_a_container_ran_is_counted():
         cost, [late, pending], {"n": NodeView("n", "on-demand")}, res, lambda node, r: 4.0, T0 + dt.timedelta(hours=1)
     )
     assert out["gpuHours"] == 1.0 and out["estimatedUsd"] == "2.0000" and out["spotGpuHours"] == 0.0
+
+
+def test_spot_savings_are_what_on_demand_would_have_cost_minus_the_cost():
+    """One hour on a spot L4 and one on an on-demand L4: the on-demand equivalent prices both at
+    the on-demand rate of the same GPU type."""
+    s = Settings()
+    res = api.ResourcesSpec(gpus=1, gpu_type="NVIDIA-L4")
+    nodes = {"s": NodeView("s", "spot", "NVIDIA-L4"), "o": NodeView("o", "on-demand", "NVIDIA-L4")}
+    start = T0 - dt.timedelta(hours=1)
+    pods = [
+        PodView("p0", 0, 0, "Running", node="s", started_at=start),
+        PodView("p1", 0, 1, "Running", node="o", started_at=start),
+    ]
+    cost = accrue({"accruedUntil": "2026-11-22T11:00:00Z"}, pods, nodes, res, lambda n, r: price_per_hour(s, n, r), T0)
+    assert cost["estimatedUsd"] == f"{0.32 + 0.81:.4f}" and cost["onDemandUsd"] == f"{2 * 0.81:.4f}"
+    assert cost["spotGpuHours"] == 1.0 and cost["onDemandGpuHours"] == 1.0 and cost["gpuHours"] == 2.0
+
+
+def test_a_status_from_before_the_split_keeps_growing_from_its_totals():
+    old = {"gpuHours": 3.0, "spotGpuHours": 2.0, "estimatedUsd": "5.0000", "accruedUntil": "2026-11-22T12:00:00Z"}
+    cost = accrue(old, [], {}, api.ResourcesSpec(gpus=1), lambda n, r: 1.0, T0)
+    assert cost["onDemandGpuHours"] == 1.0 and cost["onDemandUsd"] == "5.0000"
