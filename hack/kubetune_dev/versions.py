@@ -21,6 +21,7 @@ _TARGETS = {
     "minio": ("minio", "MINIO_VERSION"),
     "helm": ("helm", "HELM_VERSION"),
     "prometheus": ("prometheus", "PROMETHEUS_VERSION"),
+    "promtool": ("prometheus", "PROMETHEUS_VERSION"),
 }
 
 
