@@ -2,7 +2,7 @@
 # Builds the pinned upstream binaries kubetune's tests and demo need, from the Go module proxy,
 # into a cache outside the repo ($KUBETUNE_CACHE/bin/<name>-<version>/). Idempotent: a binary
 # that is already there is not rebuilt.
-#   hack/build-binaries.sh [kubernetes|etcd|kwok|minio|helm|prometheus|all ...]
+#   hack/build-binaries.sh [kubernetes|etcd|kwok|minio|helm|prometheus|monitoring-crds|all ...]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -86,12 +86,24 @@ build_helm() {
 }
 build_minio() { build_go_main minio "$MINIO_VERSION" github.com/minio/minio github.com/minio/minio; }
 build_prometheus() { build_go_main prometheus "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus; }
+# Not a binary: the prometheus-operator's CRDs for the kinds the chart can create, from its module.
+build_monitoring_crds() {
+  local v=$PROMETHEUS_OPERATOR_VERSION out="$CACHE/bin/monitoring-crds-$PROMETHEUS_OPERATOR_VERSION"
+  local kinds=(servicemonitors podmonitors prometheusrules)
+  [ -f "$out/monitoring.coreos.com_prometheusrules.yaml" ] && { log "cached: $out"; return; }
+  log "fetching prometheus-operator $v CRDs"
+  local dir; dir=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$v" | python3 -c 'import json,sys;print(json.load(sys.stdin)["Dir"])')
+  mkdir -p "$out.tmp"
+  for k in "${kinds[@]}"; do cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$k.yaml" "$out.tmp/"; done
+  chmod -R u+w "$out.tmp"; rm -rf "$out"; mv "$out.tmp" "$out"
+}
 
 targets=("$@"); [ ${#targets[@]} = 0 ] && targets=(all)
 for t in "${targets[@]}"; do
   case $t in
     all) build_etcd; build_kubernetes; build_kwok; build_minio; build_helm ;;
     kubernetes|etcd|kwok|minio|helm|prometheus) "build_$t" ;;
+    monitoring-crds) build_monitoring_crds ;;
     *) echo "unknown target: $t" >&2; exit 2 ;;
   esac
 done

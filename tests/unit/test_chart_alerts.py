@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune_dev.alert_rules import write_rules_file
 from kubetune_dev.jobs import job_manifest
 from kubetune_dev.versions import binary
 from kubetune_operator import api, render, valuesgen
@@ -142,11 +143,10 @@ def test_pod_monitor_scrapes_the_trainer_pods_the_operator_creates():
 @pytest.fixture(scope="module")
 def rules(tmp_path_factory) -> tuple[Path, dict[str, dict[str, Any]]]:
     """The rendered PrometheusRule's groups as a rules file, and its alerts by name."""
-    rendered = docs(*RULES, "--set-json", 'metrics.prometheusRule.alertLabels={"team":"ml-platform"}')
-    rule = one(rendered, "PrometheusRule")
     path = tmp_path_factory.mktemp("rules") / "kubetune-rules.yaml"
-    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
-    return path, {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    write_rules_file(path, "--set-json", 'metrics.prometheusRule.alertLabels={"team":"ml-platform"}')
+    groups = yaml.safe_load(path.read_text())["groups"]
+    return path, {r["alert"]: r for g in groups for r in g["rules"]}
 
 
 def test_rendered_rules_pass_promtool_check(rules):
