@@ -168,6 +168,57 @@ def test_rendered_rules_pass_promtool_check(rules):
     assert not [name for name in by_name if name not in readme], "charts/kubetune/README.md documents each alert"
 
 
+JOB_ALERTS = ("jobStalled", "gpuIdle", "preemptionStorm", "repeatedRestarts")
+
+
+def _off(*alerts: str) -> list[str]:
+    return [a for name in alerts for a in ("--set", f"metrics.prometheusRule.alerts.{name}.enabled=false")]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (_off(*JOB_ALERTS), ["KubetuneOperatorDown", "KubetuneReconcileErrors"]),
+        (
+            _off("operatorDown", "reconcileErrors", "gpuIdle"),
+            ["KubetuneJobStalled", "KubetuneJobPreemptionStorm", "KubetuneJobRestarting"],
+        ),
+        (_off(*JOB_ALERTS, "operatorDown", "reconcileErrors"), []),
+    ],
+)
+def test_rules_stay_valid_with_alerts_switched_off(tmp_path, args, expected):
+    path = write_rules_file(tmp_path / "rules.yaml", *args)
+    out = promtool("check", "rules", path.name, cwd=tmp_path)
+    assert out.returncode == 0 and f"SUCCESS: {len(expected)} rules found" in out.stdout, out.stdout + out.stderr
+    groups = yaml.safe_load(path.read_text())["groups"]
+    assert [r["alert"] for g in groups for r in g["rules"]] == expected
+    assert all(g["rules"] for g in groups)  # no empty group
+
+
+def test_thresholds_windows_and_severities_reach_the_rules(tmp_path):
+    path = write_rules_file(
+        tmp_path / "rules.yaml",
+        *("--set-json", "metrics.prometheusRule.alerts.gpuIdle.threshold=0.25"),
+        *("--set", "metrics.prometheusRule.alerts.gpuIdle.for=1h"),
+        *("--set", "metrics.prometheusRule.alerts.jobStalled.window=1h30m"),
+        *("--set", "metrics.prometheusRule.alerts.preemptionStorm.threshold=5"),
+        *("--set", "metrics.prometheusRule.alerts.preemptionStorm.window=6h"),
+        *("--set", "metrics.prometheusRule.alerts.preemptionStorm.severity=critical"),
+        *("--set", "metrics.prometheusRule.runbookUrl=https://wiki.example/kubetune/"),
+    )
+    assert promtool("check", "rules", path.name, cwd=tmp_path).returncode == 0
+    by_name = {r["alert"]: r for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]}
+    idle, stalled, storm = (
+        by_name["KubetuneGpuIdle"],
+        by_name["KubetuneJobStalled"],
+        by_name["KubetuneJobPreemptionStorm"],
+    )
+    assert idle["expr"].endswith("< 0.25") and idle["for"] == "1h" and "below 25%" in idle["annotations"]["description"]
+    assert "[1h30m]" in stalled["expr"] and "offset 1h30m" in stalled["expr"]
+    assert "[6h]" in storm["expr"] and storm["expr"].endswith(">= 5") and storm["labels"]["severity"] == "critical"
+    assert storm["annotations"]["runbook_url"] == "https://wiki.example/kubetune#kubetunejobpreemptionstorm"
+
+
 def _series(metric: str, labels: dict[str, str], values: str) -> dict[str, str]:
     body = ",".join(f'{k}="{v}"' for k, v in labels.items())
     return {"series": f"{metric}{{{body}}}", "values": values}
