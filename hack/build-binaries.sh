@@ -98,6 +98,7 @@ build_helm() {
 }
 build_minio() { build_go_main minio "$MINIO_VERSION" github.com/minio/minio github.com/minio/minio; }
 build_prometheus() { build_go_main prometheus "$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus; }
+
 targets=("$@"); [ ${#targets[@]} = 0 ] && targets=(all)
 for t in "${targets[@]}"; do
   case $t in
