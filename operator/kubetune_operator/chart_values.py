@@ -209,7 +209,8 @@ class Alerts(_Values):
     )
     reconcile_errors: CountAlert = Field(
         default_factory=lambda: CountAlert(threshold=5, window="15m", for_="5m"),
-        description="KubetuneReconcileErrors: `threshold` or more failed reconciles of one kind in `window`.",
+        description="KubetuneReconcileErrors: `threshold` or more failed reconciles of one kind (api, sweep; write "
+        "conflicts are retried at once and not counted) in `window`.",
     )
 
 

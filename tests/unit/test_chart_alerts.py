@@ -392,12 +392,12 @@ def test_alerts_fire_on_the_series_that_should_fire_them(rules):
             ],
         },
         {
-            "name": "reconcile errors: a steady error rate fires; other kinds and other operators do not",
+            "name": "reconcile errors: a steady API error rate fires; write conflicts and other operators do not",
             "interval": "1m",
             "input_series": [
-                _operator("kubetune_reconcile_errors_total", "0+1x30", kind="ApiException"),
-                _operator("kubetune_reconcile_errors_total", "0x28 1 2", kind="Conflict"),
-                _operator("kubetune_reconcile_errors_total", "0+1x30", job="another-operator", kind="ApiException"),
+                _operator("kubetune_reconcile_errors_total", "0+1x30", kind="api"),
+                _operator("kubetune_reconcile_errors_total", "0+5x30", kind="conflict"),
+                _operator("kubetune_reconcile_errors_total", "0+1x30", job="another-operator", kind="api"),
             ],
             "alert_rule_test": [
                 {
@@ -407,9 +407,9 @@ def test_alerts_fire_on_the_series_that_should_fire_them(rules):
                         _alert(
                             by_name,
                             "KubetuneReconcileErrors",
-                            {"namespace": NS, "kind": "ApiException"},
-                            summary="The kubetune operator fails to reconcile (ApiException)",
-                            description="15 failed reconciles of kind ApiException in 15m.",
+                            {"namespace": NS, "kind": "api"},
+                            summary="The kubetune operator fails to reconcile (api)",
+                            description="15 failed reconciles of kind api in 15m.",
                         )
                     ],
                 },
