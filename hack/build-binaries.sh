@@ -2,7 +2,7 @@
 # Builds the pinned upstream binaries kubetune's tests and demo need, from the Go module proxy,
 # into a cache outside the repo ($KUBETUNE_CACHE/bin/<name>-<version>/). Idempotent: a binary
 # that is already there is not rebuilt.
-#   hack/build-binaries.sh [kubernetes|etcd|kwok|minio|helm|prometheus|all ...]
+#   hack/build-binaries.sh [kubernetes|etcd|kwok|minio|helm|prometheus|monitoring-crds|all ...]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -66,6 +66,18 @@ build_go_main() {  # name version module-path-of-main-package module-to-get
 
 build_etcd() { build_go_main etcd "$ETCD_VERSION" go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3; }
 build_kwok() { build_go_main kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok sigs.k8s.io/kwok; }
+# Not a binary: the prometheus-operator's CRDs for the kinds the chart can create, from its module.
+build_monitoring_crds() {
+  local v=$PROMETHEUS_OPERATOR_VERSION out="$CACHE/bin/monitoring-crds-$PROMETHEUS_OPERATOR_VERSION"
+  local kinds=(servicemonitors podmonitors prometheusrules)
+  [ -f "$out/monitoring.coreos.com_prometheusrules.yaml" ] && { log "cached: $out"; return; }
+  log "fetching prometheus-operator $v CRDs"
+  local dir; dir=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$v" | python3 -c 'import json,sys;print(json.load(sys.stdin)["Dir"])')
+  mkdir -p "$out.tmp"
+  for k in "${kinds[@]}"; do cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$k.yaml" "$out.tmp/"; done
+  chmod -R u+w "$out.tmp"; rm -rf "$out"; mv "$out.tmp" "$out"
+}
+
 build_helm() {
   local out="$CACHE/bin/helm-$HELM_VERSION"
   have "$out/helm" && return
@@ -108,6 +120,7 @@ for t in "${targets[@]}"; do
   case $t in
     all) build_etcd; build_kubernetes; build_kwok; build_minio; build_helm; build_prometheus ;;
     kubernetes|etcd|kwok|minio|helm|prometheus) "build_$t" ;;
+    monitoring-crds) build_monitoring_crds ;;
     *) echo "unknown target: $t" >&2; exit 2 ;;
   esac
 done

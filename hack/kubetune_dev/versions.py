@@ -60,3 +60,11 @@ def binary(name: str) -> Path:
     if not path.exists():
         subprocess.run([str(HACK / "build-binaries.sh"), target], check=True)
     return path
+
+
+def monitoring_crds() -> list[Path]:
+    """The prometheus-operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs (pinned), fetched if absent."""
+    out = cache_dir() / "bin" / f"monitoring-crds-{versions()['PROMETHEUS_OPERATOR_VERSION']}"
+    if not (out / "monitoring.coreos.com_prometheusrules.yaml").exists():
+        subprocess.run([str(HACK / "build-binaries.sh"), "monitoring-crds"], check=True)
+    return sorted(out.glob("monitoring.coreos.com_*.yaml"))

@@ -115,8 +115,122 @@ class Cost(_Values):
     cpu_hour_price: float = _setting("cpu_hour_price")
 
 
+# A Prometheus duration, as prometheus-operator's CRDs accept it ("30s", "1h30m", "0").
+DURATION = r"^((([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?|0)$"
+
+
+def _duration(default: str, description: str, *, optional: bool = False, alias: str | None = None) -> Any:
+    return Field(default, pattern=DURATION, min_length=0 if optional else 1, description=description, alias=alias)
+
+
+def _additional_labels(what: str) -> Any:
+    return Field(
+        default_factory=dict,
+        description=f"Labels added to the {what}, e.g. {{release: <the kube-prometheus-stack release>}}: that "
+        "stack's Prometheus selects only monitors and rules with its release label.",
+    )
+
+
 class ServiceMonitor(_Values):
     enabled: bool = Field(False, description="Create it (needs the prometheus-operator CRDs in the cluster).")
+    additional_labels: dict[str, str] = _additional_labels("ServiceMonitor")
+    interval: str = _duration("30s", "Scrape interval.")
+    scrape_timeout: str = _duration(
+        "", "Scrape timeout, at most the interval; empty: Prometheus' default.", optional=True
+    )
+    honor_labels: bool = Field(
+        False,
+        description="Keep the operator's own label on a clash with a target label. Not needed: kubetune's label "
+        "names (finetunejob, job_namespace, worker_pod) avoid job, namespace, pod and instance.",
+    )
+
+
+class PodMonitor(_Values):
+    enabled: bool = Field(False, description="Create it (needs the prometheus-operator CRDs in the cluster).")
+    additional_labels: dict[str, str] = _additional_labels("PodMonitor")
+    interval: str = _duration("30s", "Scrape interval.")
+    scrape_timeout: str = _duration(
+        "", "Scrape timeout, at most the interval; empty: Prometheus' default.", optional=True
+    )
+
+
+class JobStalledAlert(_Values):
+    enabled: bool = Field(True, description="Create this alert.")
+    window: str = _duration("15m", "No optimizer step in this long (while training is unfinished) is a stall.")
+    for_: str = _duration("5m", "How long the stall must last before the alert fires.", alias="for")
+    severity: str = Field("warning", min_length=1, description="The alert's severity label.")
+
+
+class GpuIdleAlert(_Values):
+    enabled: bool = Field(
+        True, description="Create this alert (it never fires for CPU jobs: they export no GPU series)."
+    )
+    threshold: float = Field(0.1, ge=0, le=1, description="Mean GPU utilization (0-1) of a job below which it is idle.")
+    window: str = _duration("10m", "The mean is over this long.")
+    for_: str = _duration("15m", "How long the GPUs must stay idle before the alert fires.", alias="for")
+    severity: str = Field("warning", min_length=1, description="The alert's severity label.")
+
+
+class CountAlert(_Values):
+    enabled: bool = Field(True, description="Create this alert.")
+    threshold: int = Field(3, ge=1, description="This many or more in the window fire the alert.")
+    window: str = _duration("1h", "The window the increase is counted over.")
+    for_: str = _duration("0m", "How long the condition must hold before the alert fires.", alias="for")
+    severity: str = Field("warning", min_length=1, description="The alert's severity label.")
+
+
+class OperatorDownAlert(_Values):
+    enabled: bool = Field(True, description="Create this alert.")
+    for_: str = _duration("5m", "How long no operator target may be up before the alert fires.", alias="for")
+    severity: str = Field("critical", min_length=1, description="The alert's severity label.")
+
+
+class Alerts(_Values):
+    job_stalled: JobStalledAlert = Field(
+        default_factory=JobStalledAlert,
+        description="KubetuneJobStalled: a trainer whose optimizer step has not moved (hung NCCL collective, "
+        "deadlocked data loader, stuck checkpoint upload).",
+    )
+    gpu_idle: GpuIdleAlert = Field(
+        default_factory=GpuIdleAlert, description="KubetuneGpuIdle: GPUs paid for but barely used by a running trainer."
+    )
+    preemption_storm: CountAlert = Field(
+        default_factory=CountAlert,
+        description="KubetuneJobPreemptionStorm: a job preempted (spot reclaimed, evicted) `threshold` times in "
+        "`window`.",
+    )
+    repeated_restarts: CountAlert = Field(
+        default_factory=CountAlert,
+        description="KubetuneJobRestarting: a job restarted after failures `threshold` times in `window`.",
+    )
+    operator_down: OperatorDownAlert = Field(
+        default_factory=OperatorDownAlert,
+        description="KubetuneOperatorDown: no operator target up, so nobody reconciles FineTuneJobs.",
+    )
+    reconcile_errors: CountAlert = Field(
+        default_factory=lambda: CountAlert(threshold=5, window="15m", for_="5m"),
+        description="KubetuneReconcileErrors: `threshold` or more failed reconciles of one kind (api, sweep; write "
+        "conflicts are retried at once and not counted) in `window`.",
+    )
+
+
+class PrometheusRule(_Values):
+    enabled: bool = Field(False, description="Create it (needs the prometheus-operator CRDs in the cluster).")
+    additional_labels: dict[str, str] = _additional_labels("PrometheusRule")
+    alert_labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels added to every alert (Alertmanager routing: team, cluster)."
+    )
+    runbook_url: str = Field(
+        "",
+        description="Base URL of your runbooks; when set, each alert gets runbook_url: <base>#<alertname in lower "
+        "case>. Each alert always has a one-line `runbook` annotation.",
+    )
+    operator_job: str = Field(
+        "",
+        description="The `job` label of the operator's scrape target; empty: the metrics Service's name, which the "
+        "ServiceMonitor gives it.",
+    )
+    alerts: Alerts = Field(default_factory=Alerts, description="The alerts, each with its thresholds.")
 
 
 class Metrics(_Values):
@@ -125,6 +239,16 @@ class Metrics(_Values):
     )
     service_monitor: ServiceMonitor = Field(
         default_factory=ServiceMonitor, description="A prometheus-operator ServiceMonitor for the operator's /metrics."
+    )
+    pod_monitor: PodMonitor = Field(
+        default_factory=PodMonitor,
+        description="A prometheus-operator PodMonitor for the trainer pods' /metrics (port `metrics`), in every "
+        "namespace (operator.watchNamespace's only, when set). Their series get the target labels finetunejob, "
+        "job_namespace, worker_pod and worker_node.",
+    )
+    prometheus_rule: PrometheusRule = Field(
+        default_factory=PrometheusRule,
+        description="A prometheus-operator PrometheusRule with kubetune's alerts (charts/kubetune/README.md).",
     )
 
 

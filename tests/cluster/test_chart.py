@@ -13,7 +13,7 @@ import yaml
 
 from kubetune_contract.progress import ProgressRecord
 from kubetune_dev.jobs import job_manifest
-from kubetune_dev.versions import binary
+from kubetune_dev.versions import binary, monitoring_crds
 from kubetune_operator import crdgen
 from tests.fixtures.control_plane import run_operator, wait_for
 
@@ -143,3 +143,85 @@ def test_operator_works_under_the_charts_rbac(
     # deleted also answer 403, for Events, and are no RBAC gap.
     assert 'system:serviceaccount:kubetune-system:kt-operator" cannot' not in log, log[-3000:]
     assert not op.tracebacks()
+
+
+# ---- opt-in monitoring, against the prometheus-operator's own CRDs ----------------------------------
+MONITORING = [
+    *("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true"),
+    *("--set", "metrics.prometheusRule.enabled=true"),
+    *("--set-json", 'metrics.serviceMonitor.additionalLabels={"release":"kube-prometheus-stack"}'),
+    *(
+        "--set",
+        "metrics.serviceMonitor.scrapeTimeout=10s",
+        "--set",
+        "metrics.prometheusRule.runbookUrl=https://x.example",
+    ),
+]
+PLURALS = {"ServiceMonitor": "servicemonitors", "PodMonitor": "podmonitors", "PrometheusRule": "prometheusrules"}
+
+
+@pytest.fixture(scope="module")
+def prometheus_operator_crds(kube_api):
+    """The pinned prometheus-operator CRDs (hack/versions.env), installed for this module only."""
+    ext = kubernetes.client.ApiextensionsV1Api(kube_api)
+    names = []
+    for path in monitoring_crds():
+        manifest = yaml.safe_load(path.read_text())
+        names.append(manifest["metadata"]["name"])
+        ext.create_custom_resource_definition(manifest)
+
+    def established() -> bool:
+        conds = [ext.read_custom_resource_definition(n).status.conditions or [] for n in names]
+        return all(any(c.type == "Established" and c.status == "True" for c in cs) for cs in conds)
+
+    wait_for(established, what="monitoring.coreos.com CRDs established")
+    yield names
+    for name in names:
+        ext.delete_custom_resource_definition(name)
+
+
+def test_monitoring_objects_are_valid_for_the_prometheus_operator_crds(cluster, kube_api, prometheus_operator_crds):
+    """Each rendered monitor and rule passes the real CRD schema with strict field validation (a
+    misspelt field is an error, not silently pruned), and `helm install` with all of it on deploys."""
+    custom = kubernetes.client.CustomObjectsApi(kube_api)
+    rendered = [
+        d
+        for d in yaml.safe_load_all(helm("template", "kt", str(CHART), "-n", "kubetune-system", *MONITORING).stdout)
+        if d and d["apiVersion"] == "monitoring.coreos.com/v1"
+    ]
+    assert sorted(d["kind"] for d in rendered) == ["PodMonitor", "PrometheusRule", "ServiceMonitor"]
+    core = kubernetes.client.CoreV1Api(kube_api)
+    core.create_namespace({"metadata": {"name": "kubetune-monitoring"}})
+    try:
+        for doc in rendered:
+            created = custom.create_namespaced_custom_object(
+                "monitoring.coreos.com",
+                "v1",
+                "kubetune-monitoring",
+                PLURALS[doc["kind"]],
+                {**doc, "metadata": {**doc["metadata"], "namespace": "kubetune-monitoring"}},
+                dry_run="All",
+                field_validation="Strict",
+            )
+            assert created["spec"] == doc["spec"], doc["kind"]  # nothing pruned, nothing defaulted away
+        out = helm(
+            "install",
+            "kt-mon",
+            str(CHART),
+            "-n",
+            "kubetune-monitoring",
+            "--set",
+            "crds.enabled=false",
+            *MONITORING,
+            "--wait=false",
+            kubeconfig=cluster.kubeconfig,
+        )
+        assert "STATUS: deployed" in out.stdout
+        for kind, plural in PLURALS.items():
+            (item,) = custom.list_namespaced_custom_object(
+                "monitoring.coreos.com", "v1", "kubetune-monitoring", plural
+            )["items"]
+            assert item["metadata"]["labels"]["app.kubernetes.io/instance"] == "kt-mon", kind
+    finally:
+        helm("uninstall", "kt-mon", "-n", "kubetune-monitoring", kubeconfig=cluster.kubeconfig, check=False)
+        core.delete_namespace("kubetune-monitoring")

@@ -173,7 +173,7 @@ def test_helm_accepts_global_and_rejects_unknown_keys():
         "nope=1": "nope",
         "operator.imagee.tag=x": "imagee",
         "cost.gpuPrices.L4.ondemand=1": "ondemand",
-        "metrics.serviceMonitor.interval=5s": "interval",
+        "metrics.serviceMonitor.intervall=5s": "intervall",
     }
     for setting, key in unknown.items():
         bad = helm_template("--set", setting, check=False)
