@@ -25,5 +25,5 @@ if [ "$(cat "$VENV/.kubetune-stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" > "$VENV/.kubetune-stamp"
 fi
 
-"$here/build-binaries.sh" etcd kubernetes kwok minio helm prometheus
+"$here/build-binaries.sh" etcd kubernetes kwok minio helm prometheus monitoring-crds
 echo "[setup] ready: $VENV, binaries in $CACHE/bin" >&2
