@@ -114,6 +114,22 @@ class RunPolicy(SpecModel):
     suspend: bool = Field(False, description="Deletes running pods (checkpointing first); resumes when false.")
 
 
+class BudgetSpec(SpecModel):
+    """A spending limit on the job's accrued estimate (status.cost). When the estimate reaches a
+    limit, the operator deletes the worker pods (each makes its checkpoint durable on SIGTERM) and
+    the job is Suspended with condition BudgetExceeded; raising or removing the limit resumes it
+    from the last checkpoint. A Warning event BudgetNearlyExceeded comes once at 80%."""
+
+    max_usd: float | None = Field(
+        None,
+        gt=0,
+        description="Stop at this estimated USD (status.cost.estimatedUsd, at the operator's price table).",
+    )
+    max_gpu_hours: float | None = Field(
+        None, gt=0, description="Stop at this many GPU-hours (status.cost.gpuHours, all workers, all capacity types)."
+    )
+
+
 class PodOverrides(SpecModel):
     """Pass-through to the trainer pods."""
 
@@ -171,6 +187,9 @@ class FineTuneJobSpec(SpecModel):
     output: OutputSpec
     s3: S3Spec = Field(default_factory=S3Spec)
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    budget: BudgetSpec | None = Field(
+        None, description="Spending limits; at one, the job checkpoints and is suspended until it is raised."
+    )
     pod: PodOverrides = Field(default_factory=PodOverrides)
 
 
@@ -217,6 +236,17 @@ class Cost(SpecModel):
     accrued_until: str | None = Field(None, description="Cost is accrued up to this time (RFC 3339).")
 
 
+class BudgetStatus(SpecModel):
+    """What the operator has done about spec.budget (so that its restarts do not repeat it)."""
+
+    warned_for: BudgetSpec | None = Field(
+        None,
+        description="The spec.budget the BudgetNearlyExceeded warning (80%) was posted for. Posted once per "
+        "budget: a changed budget warns again at its own 80%.",
+    )
+    warned_time: str | None = Field(None, description="When that warning was posted (RFC 3339).")
+
+
 class WorkerStatus(SpecModel):
     name: str
     rank: int
@@ -241,6 +271,7 @@ class FineTuneJobStatus(SpecModel):
     last_checkpoint: CheckpointRef | None = None
     output_uri: str | None = None
     cost: Cost | None = None
+    budget: BudgetStatus | None = None
     workers: list[WorkerStatus] | None = None
 
 

@@ -179,6 +179,15 @@ class CountAlert(_Values):
     severity: str = Field("warning", min_length=1, description="The alert's severity label.")
 
 
+class BudgetAlert(_Values):
+    enabled: bool = Field(True, description="Create this alert.")
+    threshold: float = Field(
+        0.8, gt=0, le=1, description="Fraction of the job's budget (USD or GPU-time) used at which it fires."
+    )
+    for_: str = _duration("0m", "How long the condition must hold before the alert fires.", alias="for")
+    severity: str = Field("warning", min_length=1, description="The alert's severity label.")
+
+
 class OperatorDownAlert(_Values):
     enabled: bool = Field(True, description="Create this alert.")
     for_: str = _duration("5m", "How long no operator target may be up before the alert fires.", alias="for")
@@ -202,6 +211,16 @@ class Alerts(_Values):
     repeated_restarts: CountAlert = Field(
         default_factory=CountAlert,
         description="KubetuneJobRestarting: a job restarted after failures `threshold` times in `window`.",
+    )
+    budget_nearly_exceeded: BudgetAlert = Field(
+        default_factory=BudgetAlert,
+        description="KubetuneJobBudgetNearlyExceeded: a job has used `threshold` of its spec.budget (maxUsd or "
+        "maxGpuHours).",
+    )
+    budget_exceeded: BudgetAlert = Field(
+        default_factory=lambda: BudgetAlert(threshold=1.0),
+        description="KubetuneJobBudgetExceeded: a job has used all of its spec.budget; the operator has suspended "
+        "it (condition BudgetExceeded) until the budget is raised.",
     )
     operator_down: OperatorDownAlert = Field(
         default_factory=OperatorDownAlert,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from kubetune_contract.progress import ExitCode, ProgressRecord
 
-from . import api
+from . import api, budget
 from .cost import accrue
 from .render import pod_name
 from .timeutil import parse_time, rfc3339
@@ -235,9 +235,15 @@ def decide(obs: Observed) -> Decision:
         set_condition(st, "Suspended", True, "Suspended", "spec.runPolicy.suspend is true", now, gen)
         set_condition(st, "Running", False, "Suspended", "suspended", now, gen)
         return d
+    # Budget: at a limit, stop the same way (the pods checkpoint on SIGTERM); raising it resumes.
+    if _over_budget(st, obs, d, attempt, alive):
+        return d
     suspended = condition(st, "Suspended")
     if suspended and suspended["status"] == "True":
-        set_condition(st, "Suspended", False, "Resumed", "spec.runPolicy.suspend is false", now, gen)
+        why = (
+            "within spec.budget again" if suspended["reason"] == "BudgetExceeded" else "spec.runPolicy.suspend is false"
+        )
+        set_condition(st, "Suspended", False, "Resumed", why, now, gen)
         d.events.append(Event("Normal", "Resumed", "resuming from the last checkpoint"))
         st["phase"] = "Pending"
 
@@ -367,6 +373,54 @@ def decide(obs: Observed) -> Decision:
         d.on_demand = bool(st.get("onDemandFallback"))
     _observe_running(st, obs, d, current)
     return d
+
+
+def _over_budget(st: dict[str, Any], obs: Observed, d: Decision, attempt: int, alive: list[PodView]) -> bool:
+    """spec.budget against the cost accrued up to now (not only up to the last cost step, so a
+    limit holds within one sweep). At 100%: delete the pods as a suspend does, phase Suspended,
+    condition BudgetExceeded; True. At 80%: one Warning per budget, recorded in status.budget."""
+    spec, now = obs.spec, obs.now
+    assert spec is not None
+    gen = obs.job["metadata"].get("generation")
+    was_exceeded = (condition(st, "BudgetExceeded") or {}).get("status") == "True"
+    cost = st.get("cost")
+    if spec.budget and obs.gpu_price is not None and cost:
+        cost = accrue(cost, obs.pods, obs.nodes, spec.resources, obs.gpu_price, now)
+    used = budget.usages(spec.budget, cost)
+    if not used or used[0].ratio < budget.WARN_RATIO:
+        if was_exceeded:
+            why = "spec.budget removed" if not used else f"within budget: {used[0].describe()}"
+            set_condition(st, "BudgetExceeded", False, "WithinBudget", why, now, gen)
+        return False
+    worst, limits = used[0], budget.limits(spec.budget)
+    warned = (st.get("budget") or {}).get("warnedFor") == limits
+    if worst.ratio < 1:
+        if was_exceeded:
+            set_condition(st, "BudgetExceeded", False, "WithinBudget", f"within budget: {worst.describe()}", now, gen)
+        if not warned:
+            d.events.append(Event("Warning", "BudgetNearlyExceeded", budget.nearly_exceeded_message(worst)))
+            st["budget"] = {"warnedFor": limits, "warnedTime": rfc3339(now)}
+            st["cost"] = cost  # the amount the warning names is the one the status shows
+        return False
+    if _amounts(cost) != _amounts(st.get("cost")):
+        st["cost"] = cost  # (unchanged amounts: no write just to move accruedUntil)
+    message = budget.exceeded_message(worst)
+    if not warned:  # jumped past 80% in one step: no separate warning for this budget
+        st["budget"] = {"warnedFor": limits, "warnedTime": rfc3339(now)}
+    if set_condition(st, "BudgetExceeded", True, "BudgetExceeded", message, now, gen) or alive:
+        stopping = f"; deleting {len(alive)} worker pod(s), they checkpoint first" if alive else ""
+        d.events.append(Event("Warning", "BudgetExceeded", message + stopping))
+    if alive:
+        _end_attempt(st, obs, d, attempt, alive)
+    st["phase"] = "Suspended"
+    st["message"] = message
+    set_condition(st, "Suspended", True, "BudgetExceeded", f"spec.budget.{worst.field} reached", now, gen)
+    set_condition(st, "Running", False, "BudgetExceeded", "suspended: budget reached", now, gen)
+    return True
+
+
+def _amounts(cost: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (cost or {}).items() if k != "accruedUntil"}
 
 
 def _final_record(pod: PodView) -> ProgressRecord | None:

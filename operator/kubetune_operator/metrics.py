@@ -44,12 +44,15 @@ SECONDS_PER_HOUR = 3600.0
 
 @dataclass(frozen=True)
 class JobInfo:
-    """The spec facts `kubetune_job_info` carries (one series per job)."""
+    """The spec facts `kubetune_job_info` carries (one series per job), and the job's budget
+    (`kubetune_job_budget_*`, absent without one)."""
 
     model: str = ""
     method: str = ""
     gpu_type: str = ""
     capacity_policy: str = ""
+    budget_usd: float | None = None
+    budget_gpu_hours: float | None = None
 
     @classmethod
     def of(cls, spec: api.FineTuneJobSpec | None) -> JobInfo:
@@ -60,6 +63,8 @@ class JobInfo:
             method=spec.method,
             gpu_type=spec.resources.gpu_type or "",
             capacity_policy=spec.capacity.policy,
+            budget_usd=spec.budget.max_usd if spec.budget else None,
+            budget_gpu_hours=spec.budget.max_gpu_hours if spec.budget else None,
         )
 
 
@@ -127,6 +132,14 @@ class JobsCollector(Collector):
         eta = GaugeMetricFamily(
             "kubetune_job_eta_seconds", "Estimated seconds until the job's training ends.", labels=JOB_LABELS
         )
+        budget_usd = GaugeMetricFamily(
+            "kubetune_job_budget_usd", "The job's spec.budget.maxUsd (absent without one).", labels=JOB_LABELS
+        )
+        budget_gpu_seconds = GaugeMetricFamily(
+            "kubetune_job_budget_gpu_seconds",
+            "The job's spec.budget.maxGpuHours in GPU-seconds (absent without one).",
+            labels=JOB_LABELS,
+        )
         counts = dict.fromkeys(PHASES, 0)
         for (ns, name), (st, spec_info) in sorted(jobs.items()):
             key = [ns, name]
@@ -150,12 +163,17 @@ class JobsCollector(Collector):
             ratio = _progress_ratio(st)
             if ratio is not None:
                 progress.add_metric(key, ratio)
+            if spec_info.budget_usd is not None:
+                budget_usd.add_metric(key, spec_info.budget_usd)
+            if spec_info.budget_gpu_hours is not None:
+                budget_gpu_seconds.add_metric(key, spec_info.budget_gpu_hours * SECONDS_PER_HOUR)
             remaining = (st.get("progress") or {}).get("estimatedRemainingSeconds")
             if remaining is not None:
                 eta.add_metric(key, float(remaining))
         for phase, n in counts.items():
             phases.add_metric([phase], n)
         yield from (phases, info, pod_info, gpu_seconds, usd, on_demand_usd, preemptions, restarts, progress, eta)
+        yield from (budget_usd, budget_gpu_seconds)
 
 
 def _progress_ratio(status: dict[str, Any]) -> float | None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_dev.alert_rules import write_rules_file
+from kubetune_dev.alert_rules import chart_rules, write_rules_file
 from kubetune_dev.jobs import job_manifest
 from kubetune_dev.versions import binary
 from kubetune_operator import api, render, valuesgen
@@ -152,12 +152,14 @@ def rules(tmp_path_factory) -> tuple[Path, dict[str, dict[str, Any]]]:
 def test_rendered_rules_pass_promtool_check(rules):
     path, by_name = rules
     out = promtool("check", "rules", path.name, cwd=path.parent)
-    assert out.returncode == 0 and "SUCCESS: 6 rules found" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "SUCCESS: 8 rules found" in out.stdout, out.stdout + out.stderr
     assert set(by_name) == {
         "KubetuneJobStalled",
         "KubetuneGpuIdle",
         "KubetuneJobPreemptionStorm",
         "KubetuneJobRestarting",
+        "KubetuneJobBudgetNearlyExceeded",
+        "KubetuneJobBudgetExceeded",
         "KubetuneOperatorDown",
         "KubetuneReconcileErrors",
     }
@@ -168,7 +170,7 @@ def test_rendered_rules_pass_promtool_check(rules):
     assert not [name for name in by_name if name not in readme], "charts/kubetune/README.md documents each alert"
 
 
-JOB_ALERTS = ("jobStalled", "gpuIdle", "preemptionStorm", "repeatedRestarts")
+JOB_ALERTS = ("jobStalled", "gpuIdle", "preemptionStorm", "repeatedRestarts", "budgetNearlyExceeded", "budgetExceeded")
 
 
 def _off(*alerts: str) -> list[str]:
@@ -181,7 +183,13 @@ def _off(*alerts: str) -> list[str]:
         (_off(*JOB_ALERTS), ["KubetuneOperatorDown", "KubetuneReconcileErrors"]),
         (
             _off("operatorDown", "reconcileErrors", "gpuIdle"),
-            ["KubetuneJobStalled", "KubetuneJobPreemptionStorm", "KubetuneJobRestarting"],
+            [
+                "KubetuneJobStalled",
+                "KubetuneJobPreemptionStorm",
+                "KubetuneJobRestarting",
+                "KubetuneJobBudgetNearlyExceeded",
+                "KubetuneJobBudgetExceeded",
+            ],
         ),
         (_off(*JOB_ALERTS, "operatorDown", "reconcileErrors"), []),
     ],
@@ -217,6 +225,16 @@ def test_thresholds_windows_and_severities_reach_the_rules(tmp_path):
     assert "[1h30m]" in stalled["expr"] and "offset 1h30m" in stalled["expr"]
     assert "[6h]" in storm["expr"] and storm["expr"].endswith(">= 5") and storm["labels"]["severity"] == "critical"
     assert storm["annotations"]["runbook_url"] == "https://wiki.example/kubetune#kubetunejobpreemptionstorm"
+
+
+def test_budget_alerts_split_at_the_exceeded_threshold(tmp_path):
+    by_name = {r["alert"]: r for g in chart_rules(operator_job="kt")["groups"] for r in g["rules"]}
+    assert by_name["KubetuneJobBudgetNearlyExceeded"]["expr"].endswith(">= 0.8 < 1")
+    assert by_name["KubetuneJobBudgetExceeded"]["expr"].endswith(">= 1")
+    # Without the exceeded alert the nearly-exceeded one goes on firing past 100%.
+    alone = chart_rules(*_off("budgetExceeded"), operator_job="kt")
+    (nearly,) = [r for g in alone["groups"] for r in g["rules"] if "Budget" in r["alert"]]
+    assert nearly["expr"].endswith(">= 0.8")
 
 
 def _series(metric: str, labels: dict[str, str], values: str) -> dict[str, str]:
@@ -370,6 +388,53 @@ def test_alerts_fire_on_the_series_that_should_fire_them(rules):
             ],
         },
         {
+            "name": "budget: 80% warns, 100% says suspended; by USD and by GPU-time; not without a budget or once done",
+            "interval": "1m",
+            "input_series": [
+                _operator("kubetune_job_cost_usd_total", "0+0.1x120", job_namespace="ml", finetunejob="spendy"),
+                _operator("kubetune_job_budget_usd", "10x120", job_namespace="ml", finetunejob="spendy"),
+                *(
+                    _operator(
+                        "kubetune_job_gpu_seconds_total",
+                        "0+45x120",
+                        job_namespace="ml",
+                        finetunejob="gpu",
+                        capacity_type=c,
+                    )
+                    for c in ("spot", "on-demand")
+                ),
+                _operator("kubetune_job_budget_gpu_seconds", "10000x120", job_namespace="ml", finetunejob="gpu"),
+                _operator("kubetune_job_cost_usd_total", "0+0.1x120", job_namespace="ml", finetunejob="unlimited"),
+                _operator("kubetune_job_cost_usd_total", "9.5x120", job_namespace="ml", finetunejob="done"),
+                _operator("kubetune_job_budget_usd", "10x120", job_namespace="ml", finetunejob="done"),
+                _operator("kubetune_job_progress_ratio", "1x120", job_namespace="ml", finetunejob="done"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "50m", "alertname": "KubetuneJobBudgetNearlyExceeded", "exp_alerts": []},
+                {
+                    "eval_time": "90m",
+                    "alertname": "KubetuneJobBudgetNearlyExceeded",
+                    "exp_alerts": [
+                        _budget_alert(by_name, "KubetuneJobBudgetNearlyExceeded", "gpu", "maxGpuHours", "81%"),
+                        _budget_alert(by_name, "KubetuneJobBudgetNearlyExceeded", "spendy", "maxUsd", "90%"),
+                    ],
+                },
+                {"eval_time": "90m", "alertname": "KubetuneJobBudgetExceeded", "exp_alerts": []},
+                {
+                    "eval_time": "110m",
+                    "alertname": "KubetuneJobBudgetNearlyExceeded",
+                    "exp_alerts": [
+                        _budget_alert(by_name, "KubetuneJobBudgetNearlyExceeded", "gpu", "maxGpuHours", "99%")
+                    ],
+                },
+                {
+                    "eval_time": "110m",
+                    "alertname": "KubetuneJobBudgetExceeded",
+                    "exp_alerts": [_budget_alert(by_name, "KubetuneJobBudgetExceeded", "spendy", "maxUsd", "110%")],
+                },
+            ],
+        },
+        {
             "name": "operator down: up == 0 fires after 5m",
             "interval": "1m",
             "input_series": [_operator("up", "1x10 0x20")],
@@ -422,6 +487,22 @@ def test_alerts_fire_on_the_series_that_should_fire_them(rules):
     )
     out = promtool("test", "rules", test_file.name, cwd=path.parent)
     assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+
+
+def _budget_alert(by_name: dict[str, dict[str, Any]], name: str, job: str, limit: str, used: str) -> dict[str, Any]:
+    nearly = name == "KubetuneJobBudgetNearlyExceeded"
+    rest = (
+        "used; the operator suspends the job at 100%."
+        if nearly
+        else "used: the operator has suspended the job (condition BudgetExceeded)."
+    )
+    return _alert(
+        by_name,
+        name,
+        {**_job_labels(job), "budget": limit},
+        summary=f"FineTuneJob ml/{job} has {'nearly used' if nearly else 'used'} its budget",
+        description=f"{used} of spec.budget.{limit} {rest}",
+    )
 
 
 def _operator_down(by_name: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -350,3 +350,98 @@ def test_parse_time_never_raises():
     from kubetune_operator.timeutil import parse_time
 
     assert parse_time("yesterday") is None and parse_time(None) is None
+
+
+# ---- budget --------------------------------------------------------------------------------
+# observe() prices a worker at 1 USD an hour; the pod has run since long before T0, and cost is
+# accrued up to T0: at T0 + m minutes the job has used m/60 USD more.
+def _accrued(usd="0.0000", gpu_hours=0.0):
+    return {"estimatedUsd": usd, "onDemandUsd": usd, "gpuHours": gpu_hours, "accruedUntil": "2026-11-22T12:00:00Z"}
+
+
+def _cond(d, ctype):
+    return next((c for c in d.status.get("conditions") or [] if c["type"] == ctype), None)
+
+
+def _reasons(d):
+    return [e.reason for e in d.events]
+
+
+def test_no_budget_no_effect():
+    status = {"attempt": 0, "phase": "Running", "cost": _accrued("900.0000")}
+    later = T0 + dt.timedelta(minutes=90)
+    plain = decide(observe(job(status=status), [pod()], now=later))
+    empty = decide(observe(job(status=status, budget={}), [pod()], now=later))
+    assert plain.status == empty.status and plain.events == empty.events and not empty.delete_pods
+    assert "budget" not in empty.status and _cond(empty, "BudgetExceeded") is None
+
+
+def test_budget_warns_once_at_80_percent_and_records_it():
+    j = job(status={"attempt": 0, "phase": "Running", "cost": _accrued()}, budget={"maxUsd": 1})
+    d = decide(observe(j, [pod()], now=T0 + dt.timedelta(minutes=30)))
+    assert "BudgetNearlyExceeded" not in _reasons(d)
+    d = decide(observe(j, [pod()], now=T0 + dt.timedelta(minutes=50)))
+    (warning,) = [e for e in d.events if e.reason == "BudgetNearlyExceeded"]
+    assert warning.type == "Warning" and "USD 0.8333 of spec.budget.maxUsd 1 (83%)" in warning.message
+    assert d.status["budget"] == {"warnedFor": {"maxUsd": 1.0}, "warnedTime": "2026-11-22T12:50:00Z"}
+    assert d.status["cost"]["estimatedUsd"] == "0.8333"  # the amount the warning names
+    assert not d.delete_pods and d.status["phase"] == "Running"
+    # Later passes (and a restarted operator: the record is in status) do not warn again.
+    d2 = decide(observe(after(d, j), [pod()], now=T0 + dt.timedelta(minutes=55)))
+    assert "BudgetNearlyExceeded" not in _reasons(d2) and not d2.delete_pods
+    # A changed budget warns again at its own 80%.
+    raised = job(status=d2.status, budget={"maxUsd": 1.1})
+    d3 = decide(observe(raised, [pod()], now=T0 + dt.timedelta(minutes=56)))
+    assert _reasons(d3) == ["BudgetNearlyExceeded"] and d3.status["budget"]["warnedFor"] == {"maxUsd": 1.1}
+
+
+def test_budget_reached_checkpoints_and_suspends_then_a_raise_resumes():
+    j = job(status={"attempt": 0, "phase": "Running", "cost": _accrued()}, budget={"maxUsd": 1})
+    d = decide(observe(j, [pod()], now=T0 + dt.timedelta(minutes=61)))
+    # Stopped the way a suspend stops: the pod is deleted (SIGTERM: it checkpoints), no preemption.
+    assert d.delete_pods == ["j-a0-w0"] and not d.create_pods
+    assert d.status["phase"] == "Suspended" and d.status["attempt"] == 1
+    assert d.status["preemptions"] == 0 and d.status["restarts"] == 0
+    exceeded = _cond(d, "BudgetExceeded")
+    assert (exceeded["status"], exceeded["reason"]) == ("True", "BudgetExceeded")
+    assert "estimated USD 1.0167 of spec.budget.maxUsd 1 (102%)" in exceeded["message"]
+    assert d.status["cost"]["estimatedUsd"] == "1.0167"
+    assert _cond(d, "Suspended")["reason"] == "BudgetExceeded" and _cond(d, "Running")["status"] == "False"
+    (event,) = d.events
+    assert (event.type, event.reason) == ("Warning", "BudgetExceeded") and "deleting 1 worker pod" in event.message
+    # While the pod writes its checkpoint and goes: nothing new is started, no second event.
+    stopping = pod(deleting=True)
+    d2 = decide(observe(after(d, j), [stopping], now=T0 + dt.timedelta(minutes=62)))
+    assert not d2.create_pods and d2.events == [] and d2.status["phase"] == "Suspended"
+    # Raised: the next attempt starts, resuming from the last checkpoint.
+    raised = job(status=d2.status, budget={"maxUsd": 5})
+    d3 = decide(observe(raised, [], now=T0 + dt.timedelta(minutes=63)))
+    assert d3.create_pods == [(1, 0)]
+    assert _cond(d3, "BudgetExceeded")["status"] == "False" and _cond(d3, "Suspended")["status"] == "False"
+    assert _reasons(d3) == ["Resumed", "PodsCreated"]
+    assert _cond(d3, "Suspended")["message"] == "within spec.budget again"
+    # Removing the budget resumes it too.
+    removed = job(status=d2.status)
+    d4 = decide(observe(removed, [], now=T0 + dt.timedelta(minutes=63)))
+    assert d4.create_pods == [(1, 0)] and _cond(d4, "BudgetExceeded")["message"] == "spec.budget removed"
+
+
+def test_budget_raised_but_still_below_the_accrued_cost_stays_suspended():
+    j = job(status={"attempt": 1, "phase": "Suspended", "cost": _accrued("3.0000")}, budget={"maxUsd": 2})
+    d = decide(observe(j, []))
+    assert not d.create_pods and d.status["phase"] == "Suspended"
+    assert "spec.budget.maxUsd 2 (150%)" in _cond(d, "BudgetExceeded")["message"]
+
+
+def test_budget_already_exceeded_creates_no_pods_and_says_why():
+    status = {"cost": _accrued("0.0000", gpu_hours=3.0)}
+    j = job(status=status, budget={"maxGpuHours": 2, "maxUsd": 100}, resources={"gpus": 1})
+    d = decide(observe(j, []))
+    assert not d.create_pods and not d.ensure_config and "workers" not in d.status
+    assert d.status["phase"] == "Suspended" and _cond(d, "Created") is None
+    exceeded = _cond(d, "BudgetExceeded")
+    assert (
+        exceeded["status"] == "True" and "3.0000 GPU-hours of spec.budget.maxGpuHours 2 (150%)" in exceeded["message"]
+    )
+    assert d.status["message"] == exceeded["message"]
+    assert _reasons(d) == ["BudgetExceeded"]

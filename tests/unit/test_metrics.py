@@ -49,7 +49,7 @@ def spec(**overrides: object) -> api.FineTuneJobSpec:
 @pytest.fixture
 def metrics() -> OperatorMetrics:
     m = OperatorMetrics()
-    gpu = spec(resources={"gpus": 1, "gpuType": "NVIDIA-L4"}, capacity={"policy": "spot"})
+    gpu = spec(resources={"gpus": 1, "gpuType": "NVIDIA-L4"}, capacity={"policy": "spot"}, budget={"maxUsd": 3.5})
     m.jobs.update("team-a", "a", RUNNING, JobInfo.of(gpu))
     m.jobs.update("team-b", "b", {"phase": "Succeeded", "preemptions": 0, "restarts": 2}, JobInfo.of(spec()))
     m.jobs.update("team-b", "new", {}, None)  # first pass of a job whose spec did not parse
@@ -99,6 +99,9 @@ def test_per_job_series_come_from_status_in_base_units(metrics):
     assert value("kubetune_job_cost_usd_total") == 2.8 and value("kubetune_job_on_demand_cost_usd_total") == 4.05
     assert value("kubetune_job_preemptions_total") == 1 and value("kubetune_job_restarts_total") == 0
     assert value("kubetune_job_progress_ratio") == 0.25 and value("kubetune_job_eta_seconds") == 900
+    assert value("kubetune_job_budget_usd") == 3.5  # and absent for the jobs without a budget:
+    assert [lab["finetunejob"] for lab, _ in s["kubetune_job_budget_usd"]] == ["a"]
+    assert "kubetune_job_budget_gpu_seconds" not in s
     info = value(
         "kubetune_job_info",
         model="s3://kubetune-demo/models/tiny-llama",
@@ -116,6 +119,13 @@ def test_per_job_series_come_from_status_in_base_units(metrics):
     b = {"job_namespace": "team-b", "finetunejob": "b"}
     assert ({**b}, 1.0) in s["kubetune_job_progress_ratio"]  # Succeeded is done, whatever the last step said
     assert ({**b}, 2.0) in s["kubetune_job_restarts_total"]
+
+
+def test_a_gpu_hour_budget_is_exported_in_gpu_seconds():
+    m = OperatorMetrics()
+    m.jobs.update("ns", "g", RUNNING, JobInfo.of(spec(resources={"gpus": 2}, budget={"maxGpuHours": 1.5})))
+    assert samples(m)["kubetune_job_budget_gpu_seconds"] == [({"job_namespace": "ns", "finetunejob": "g"}, 5400.0)]
+    assert "kubetune_job_budget_usd" not in samples(m)
 
 
 def test_a_deleted_job_stops_being_exported(metrics):
