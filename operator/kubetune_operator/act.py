@@ -16,7 +16,7 @@ from kubernetes.client.rest import ApiException
 
 from . import api, render
 from .context import JobKey, OperatorContext
-from .decide import Decision, pod_rejected
+from .decide import STATUS_KEYS, Decision, pod_rejected
 from .kube import api_error_message
 from .metrics import JobInfo
 from .observe import read_job
@@ -31,7 +31,9 @@ def act(ctx: OperatorContext, job: dict[str, Any], spec: api.FineTuneJobSpec | N
     meta = job["metadata"]
     ns, name = meta["namespace"], meta["name"]
     if d.status != (job.get("status") or {}) or d.create_pods:
-        ctx.own_writes.record(k.patch_status(job, d.status))  # first: the record of what we are about to create
+        # A merge patch keeps what it does not name: null the fields the decision dropped (workers).
+        dropped = {key: None for key in job.get("status") or {} if key in STATUS_KEYS and key not in d.status}
+        ctx.own_writes.record(k.patch_status(job, {**dropped, **d.status}))  # first: the record of what we create
     if d.ensure_config and spec is not None:
         k.ensure_config_map(render.config_map(job, spec))
     for attempt, rank in d.create_pods:

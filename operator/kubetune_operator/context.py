@@ -51,6 +51,7 @@ class OperatorContext:
     metrics: OperatorMetrics
     own_writes: OwnWrites = field(default_factory=OwnWrites)
     locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)
+    sweeper: asyncio.Task[None] | None = None  # the periodic sweep (handlers.start_sweep)
 
     @classmethod
     def create(cls, settings: Settings) -> OperatorContext:

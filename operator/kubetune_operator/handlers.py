@@ -5,7 +5,9 @@ decide.py -> act.py) with the operator context that startup builds into kopf's m
 kopf indexes keep jobs, pods and nodes in memory, so observing costs no API reads beyond what
 observe.py explains. No timers/daemons and no change-detection handlers: kopf would add
 finalizers and annotations to users' jobs, and a job must stay deletable when the operator is
-gone. The periodic sweep is one asyncio task started here.
+gone. The periodic sweep is one asyncio task, started by the first watch event: its passes post
+Events, and kopf.event works only in the context kopf sets up for watch-event handlers (a task
+started by the startup handler could not post them).
 """
 
 from __future__ import annotations
@@ -71,13 +73,15 @@ async def job_event(
     **_: Any,
 ) -> None:
     ctx = context_of(memo)
+    indexes = Indexes(jobs_by_key, pods_by_job, nodes_by_name)
+    start_sweep(ctx, indexes)
     if event.get("type") == "DELETED":
         act.job_gone(ctx, (namespace, name))
         return
     job = plain(event["object"])
     if ctx.own_writes.is_echo(job):
         return  # our own status write coming back: it was decided from this very state
-    await reconcile(ctx, Indexes(jobs_by_key, pods_by_job, nodes_by_name), namespace, name, body=job)
+    await reconcile(ctx, indexes, namespace, name, body=job)
 
 
 @kopf.on.event("pods", labels={render.LABEL_JOB_UID: kopf.PRESENT})
@@ -90,9 +94,16 @@ async def pod_event(
     nodes_by_name: kopf.Index,
     **_: Any,
 ) -> None:
-    await reconcile(
-        context_of(memo), Indexes(jobs_by_key, pods_by_job, nodes_by_name), namespace, labels[render.LABEL_JOB_NAME]
-    )
+    ctx, indexes = context_of(memo), Indexes(jobs_by_key, pods_by_job, nodes_by_name)
+    start_sweep(ctx, indexes)
+    await reconcile(ctx, indexes, namespace, labels[render.LABEL_JOB_NAME])
+
+
+def start_sweep(ctx: OperatorContext, indexes: Indexes) -> None:
+    """Once, from a watch-event handler: the task inherits kopf's event-posting context (the
+    sweep's passes post Events too). Without jobs nothing needs sweeping."""
+    if ctx.sweeper is None:
+        ctx.sweeper = asyncio.create_task(sweep(ctx, indexes))
 
 
 # ---- lifecycle ------------------------------------------------------------------------------
@@ -117,15 +128,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup()
-async def startup(
-    settings: kopf.OperatorSettings,
-    memo: kopf.Memo,
-    jobs_by_key: kopf.Index,
-    pods_by_job: kopf.Index,
-    nodes_by_name: kopf.Index,
-    **_: Any,
-) -> None:
-    """Build the operator context (once), tune kopf, serve /metrics and start the sweep."""
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Build the operator context (once), tune kopf and serve /metrics."""
     options: Settings | None = memo.get("settings")  # main() read them from the environment
     if options is None:  # started by `kopf run` instead of main()
         options = Settings.from_env()
@@ -147,12 +151,11 @@ async def startup(
             log.warning("metrics port %s: %s", options.metrics_port, e)
     # Reconciles block on HTTP calls in threads; the default pool (cores + 4) would serialise them.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="reconcile"))
-    memo["sweeper"] = asyncio.create_task(sweep(ctx, Indexes(jobs_by_key, pods_by_job, nodes_by_name)))
     log.info("kubetune operator started: %s", options.model_dump_json())
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    sweeper = memo.get("sweeper")
-    if sweeper is not None:
-        sweeper.cancel()
+    ctx: OperatorContext | None = memo.get("ctx")
+    if ctx is not None and ctx.sweeper is not None:
+        ctx.sweeper.cancel()

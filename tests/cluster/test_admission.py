@@ -37,6 +37,11 @@ MALFORMED = [
     ({"resources": {"workers": 0}}, "spec.resources.workers: Invalid value"),
     ({"lora": {"targetModules": []}}, "spec.lora.targetModules: Invalid value"),
     ({"pod": {"terminationGracePeriodSeconds": 1}}, "spec.pod.terminationGracePeriodSeconds: Invalid value"),
+    (
+        {"budget": {"maxUsd": 0}},
+        "spec.budget.maxUsd: Invalid value: 0: spec.budget.maxUsd in body should be greater than 0",
+    ),
+    ({"budget": {"maxGpuHours": -1}}, "spec.budget.maxGpuHours: Invalid value"),
 ]
 
 
