@@ -139,7 +139,7 @@ def _variables() -> list[dict[str, Any]]:
             "name": name,
             "label": label,
             "datasource": DATASOURCE,
-            "query": {"query": query, "refId": f"{name}-values"},
+            "query": query,  # a string: what every Grafana version since 7 reads
             "definition": query,
             "refresh": 2,  # on time range change: new jobs appear
             "multi": True,
