@@ -271,6 +271,30 @@ class Metrics(_Values):
     )
 
 
+class Dashboards(_Values):
+    enabled: bool = Field(
+        False,
+        description="Ship kubetune's Grafana dashboards (Utilization, Cost) as ConfigMaps for Grafana's dashboard "
+        "sidecar (kube-prometheus-stack: grafana.sidecar.dashboards.enabled). The JSON files in the chart's "
+        "dashboards/ folder also import as they are.",
+    )
+    namespace: str = Field(
+        "",
+        description="Namespace of the ConfigMaps; empty: the release's. The sidecar watches its own namespace "
+        "unless grafana.sidecar.dashboards.searchNamespace is ALL (or names this one).",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=lambda: {"grafana_dashboard": "1"},
+        description="Labels of the ConfigMaps: the sidecar loads those with its label (grafana.sidecar.dashboards."
+        'label and labelValue; kube-prometheus-stack\'s defaults: grafana_dashboard: "1").',
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations of the ConfigMaps, e.g. {grafana_folder: kubetune} with grafana.sidecar.dashboards."
+        "folderAnnotation=grafana_folder to file them in a folder.",
+    )
+
+
 class ChartValues(_Values):
     global_: dict[str, Any] = Field(
         default_factory=dict,
@@ -288,6 +312,9 @@ class ChartValues(_Values):
     )
     preflight_s3_endpoint: bool = _setting("preflight_s3_endpoint")
     metrics: Metrics = Field(default_factory=Metrics, description="The operator's Prometheus metrics.")
+    dashboards: Dashboards = Field(
+        default_factory=Dashboards, description="Grafana dashboards of the jobs' utilization and cost."
+    )
 
 
 # Where the operator finds each chart value: Settings field -> values path. The Deployment passes

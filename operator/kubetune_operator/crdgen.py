@@ -1,5 +1,6 @@
 """Generate the FineTuneJob CRD from the pydantic models in `api` (the one source of truth), and
-with it the chart's values.yaml, values.schema.json and Chart.yaml versions (`valuesgen`).
+with it the chart's values.yaml, values.schema.json and Chart.yaml versions (`valuesgen`) and its
+Grafana dashboards (`dashboards`).
 
     python -m kubetune_operator.crdgen            # rewrite the generated files
     python -m kubetune_operator.crdgen --check    # exit 1 when a generated file is stale
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from . import api, valuesgen
+from . import api, dashboards, valuesgen
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
@@ -174,7 +175,12 @@ def render_chart_template() -> str:
 
 
 def outputs() -> dict[Path, str]:
-    return {MANIFEST_PATH: render_manifest(), CHART_TEMPLATE_PATH: render_chart_template(), **valuesgen.outputs()}
+    return {
+        MANIFEST_PATH: render_manifest(),
+        CHART_TEMPLATE_PATH: render_chart_template(),
+        **valuesgen.outputs(),
+        **dashboards.outputs(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,145 @@
+"""Every panel of the chart's Grafana dashboards, its variables expanded as Grafana would, queried on a
+real Prometheus that scrapes the real operator while a GPU job on a (kwok) spot node is evicted once,
+resumes and succeeds: no query errors; the panels built on the operator's series show that job, and
+the cost panels the numbers of its status.cost. The trainer, DCGM and OpenCost panels are empty here
+(no trainer runs on kwok, no exporter is scraped): "No data", not an error."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from kubetune_contract.progress import ProgressRecord
+from kubetune_dev.jobs import job_manifest
+from kubetune_dev.prometheus import PrometheusServer
+from kubetune_operator import dashboards
+from tests.fixtures.control_plane import wait_for
+
+from .jobs import Jobs
+from .test_metrics import RUN_SECONDS, finish_keeping_start
+from .test_operator import evict, phase, running_pod, s3_port  # noqa: F401  (s3_port: a fixture)
+
+pytestmark = pytest.mark.cluster
+# Series of other processes: empty on kwok (trainers on real nodes, the DCGM exporter, OpenCost).
+ELSEWHERE = ("kubetune_trainer_", "kubetune_checkpoint_", "DCGM_", "node_gpu_hourly_cost")
+
+
+@pytest.fixture
+def jobs(kube_api, namespace, operator) -> Jobs:
+    j = Jobs(kube_api, namespace)
+    j.secret()
+    return j
+
+
+def panel_results(prom: PrometheusServer, values: dict[str, str], start: float) -> dict[tuple[str, str, str], Any]:
+    """(dashboard, panel title, refId) -> what Grafana would get: an instant query's vector for an
+    instant target, a range query's matrix since `start` for a time series."""
+    out: dict[tuple[str, str, str], Any] = {}
+    now = time.time()
+    for name, build in dashboards.DASHBOARDS.items():
+        for p in dashboards.panels(build()):
+            for t in p["targets"]:
+                # Grafana's $__rate_interval: at least 4 scrape intervals (1 s here)
+                expr = dashboards.expand(t["expr"], values, rate_interval="10s", range_="5m")
+                if t.get("instant"):
+                    out[name, p["title"], t["refId"]] = prom.query(expr, at=now)
+                else:
+                    out[name, p["title"], t["refId"]] = prom.query_range(expr, start, now, step=1)
+    return out
+
+
+def only(result: list[dict[str, Any]]) -> float:
+    (series,) = result
+    return float(series["value"][1])
+
+
+def test_every_dashboard_panel_queries_the_scraped_operator(jobs, s3_port, fake_nodes, operator, prometheus):  # noqa: F811
+    start = time.time()
+    prom = prometheus({"kubetune-operator": [f"127.0.0.1:{operator.metrics_port}"]})
+    prom.wait_for_targets()
+    fake_nodes(spot=True, gpus=8, gpu_type="NVIDIA-L4")
+    name, ns = "charted", jobs.ns
+    sel = {"job_namespace": ns, "finetunejob": name}
+    jobs.create(
+        job_manifest(
+            name=name, resources={"gpus": 2, "gpuType": "NVIDIA-L4"}, s3={"endpoint": f"http://127.0.0.1:{s3_port}"}
+        )
+    )
+    running_pod(jobs, name)
+    # scraped before its preemption (a real job's take longer than a scrape interval): increase() sees it
+    preemptions = f'kubetune_job_preemptions_total{{job_namespace="{ns}",finetunejob="{name}"}}'
+    wait_for(lambda: prom.value(preemptions) == 0, timeout=30, what="the job scraped before its preemption")
+    evict(jobs, f"{name}-a0-w0")
+    running_pod(jobs, name, attempt=1)
+    time.sleep(RUN_SECONDS)
+    finish_keeping_start(jobs, f"{name}-a1-w0", ProgressRecord(phase="done", step=120, total_steps=120))
+    wait_for(lambda: phase(jobs, name) == "Succeeded", what="Succeeded after a preemption")
+    cost = jobs.status(name)["cost"]
+    usd_sel = f'kubetune_job_cost_usd_total{{job_namespace="{ns}",finetunejob="{name}"}}'
+    wait_for(
+        lambda: (prom.value(usd_sel) or -1) == pytest.approx(float(cost["estimatedUsd"]), abs=1e-9),
+        timeout=30,
+        what="the final status scraped",
+    )
+    print(f"status.cost: {cost}")
+    time.sleep(2)  # the range queries' last 1 s step lands after the final scrape too
+
+    # The variables: Grafana asks for the label values of kubetune_job_info.
+    assert ns in prom.api("label/job_namespace/values", **{"match[]": "kubetune_job_info"})
+    job_values = prom.api("label/finetunejob/values", **{"match[]": f'kubetune_job_info{{job_namespace=~"{ns}"}}'})
+    assert job_values == [name]
+
+    results = panel_results(prom, sel, start)  # PrometheusError on any failing query
+    empty = sorted(key for key, r in results.items() if not r)
+    exprs = {
+        (n, p["title"], t["refId"]): t["expr"]
+        for n, build in dashboards.DASHBOARDS.items()
+        for p in dashboards.panels(build())
+        for t in p["targets"]
+    }
+    elsewhere = {key for key, e in exprs.items() if any(m in e for m in ELSEWHERE)}
+    assert set(empty) == elsewhere, "operator panels without data, or other processes' panels with data"
+    assert len(results) - len(elsewhere) >= 15 and elsewhere
+    print(f"{len(results)} queries, {len(elsewhere)} empty (trainer, DCGM, OpenCost series)")
+
+    # The numbers: what the panels show now is the job's status.
+    def now(board: str, title: str, ref: str = "A") -> float:
+        result = results[board, title, ref]
+        if result and "values" in result[0]:  # a time series: its last point
+            (series,) = result
+            return float(series["values"][-1][1])
+        return only(result)
+
+    spot_h, on_demand_h = float(cost["spotGpuHours"]), float(cost["onDemandGpuHours"])
+    usd, would_be = float(cost["estimatedUsd"]), float(cost["onDemandUsd"])
+    by_capacity = {
+        s["metric"]["capacity_type"]: float(s["value"][1]) for s in results["cost", "GPU-hours by capacity type", "A"]
+    }
+    assert by_capacity == {"spot": pytest.approx(spot_h, abs=1e-5), "on-demand": pytest.approx(on_demand_h, abs=1e-5)}
+    assert spot_h > 0 and on_demand_h == 0
+    assert now("cost", "Spot share of GPU time") == 1
+    assert now("cost", "Accrued cost per job") == pytest.approx(usd, abs=1e-4)
+    assert now("cost", "Accrued cost per namespace") == pytest.approx(usd, abs=1e-4)
+    assert results["cost", "Accrued cost per namespace", "A"][0]["metric"] == {"job_namespace": ns}
+    (by_gpu,) = results["cost", "Cost by GPU type", "A"]
+    assert by_gpu["metric"] == {"gpu_type": "NVIDIA-L4"} and float(by_gpu["value"][1]) == pytest.approx(usd, abs=1e-4)
+    assert now("cost", "Spot savings") == pytest.approx(would_be - usd, abs=1e-4) and would_be > usd
+    assert now("cost", "Spot savings per job") == pytest.approx(would_be - usd, abs=1e-4)
+    per_job = {
+        s["metric"]["capacity_type"]: float(s["values"][-1][1])
+        for s in results["cost", "GPU-hours per job and capacity type", "A"]
+    }
+    assert per_job == by_capacity
+    assert now("cost", "Preemptions per job") == 1
+    assert now("cost", "Preemptions in the time range") >= 1  # increase() extrapolates a little
+    assert now("cost", "Spent in the time range") > 0
+    assert now("utilization", "Progress") == 1
+    assert now("utilization", "ETA") == 0
+    phases = {s["metric"]["phase"]: float(s["value"][1]) for s in results["utilization", "Jobs by phase", "A"]}
+    assert phases["Succeeded"] >= 1 and "Running" in phases
+
+    # Another job selected: the job's panels are empty, not another job's.
+    other = panel_results(prom, {"job_namespace": ns, "finetunejob": "someone-else"}, start)
+    assert not other["cost", "Accrued cost per job", "A"] and not other["utilization", "Progress", "A"]
