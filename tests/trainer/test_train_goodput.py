@@ -104,3 +104,33 @@ def test_goodput_facts_across_a_kill_and_resume(tmp_path, minio, tiny_model_dir)
     assert rec.checkpoint_blocked_seconds and rec.checkpoint_blocked_seconds > 0  # step 8 and 12 were saved
     assert rec.mfu is None
     assert highwater(client, bucket) == TOTAL
+
+
+class Clock:
+    t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_the_high_water_mark_is_throttled_and_never_fails_training(minio, capsys):
+    from kubetune_trainer.goodput import HighWaterMark
+
+    bucket, client, clock = minio.make_bucket(), minio.client(), Clock()
+    mark = HighWaterMark(client, f"s3://{bucket}/checkpoints/ns/hw", interval=10.0, clock=clock)
+    assert mark.read() == 0  # none yet
+    mark.note(3)
+    mark.close()  # (waits for the write in flight)
+    clock.t = 5.0
+    mark.note(4)  # within the interval: not written
+    assert mark.read() == 3
+    clock.t = 10.0
+    mark.note(5)
+    mark.close(6)  # the last step, written at exit
+    assert mark.read() == 6
+    gone = HighWaterMark(client, "s3://no-such-bucket/checkpoints/ns/hw", interval=0.0)
+    assert gone.read() == 0
+    gone.note(1)
+    gone.note(2)
+    gone.close(3)
+    assert capsys.readouterr().out.count("highwater_mark_unavailable") == 1

@@ -75,9 +75,12 @@ class HighWaterMark:
             if step <= self._written or not due or busy:
                 return
             self._last, self._written = now, step
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-highwater")
-            self._pending = self._pool.submit(self._write, step)
+            try:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-highwater")
+                self._pending = self._pool.submit(self._write, step)
+            except Exception as e:  # e.g. at interpreter shutdown
+                self._warn("write", e)
 
     def _write(self, step: int) -> None:
         from . import s3
@@ -107,6 +110,7 @@ class HighWaterMark:
             pass
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+            self._pool = None  # (a later note starts another)
 
 
 class Goodput:

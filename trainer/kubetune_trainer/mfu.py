@@ -33,7 +33,9 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     (r"A100", 312e12),
     (r"L40S", 362e12),
     (r"L4\b", 121e12),
-    (r"A10G", 125e12),  # AWS's A10 variant; NVIDIA publishes A10's 125 TFLOPS (250 sparse)
+    # AWS's A10 variant (g5): NVIDIA publishes no sheet for it; the figure AWS partners quote is
+    # 70 TFLOPS bf16 dense, below the A10's tensor peak (its FP32 is higher).
+    (r"A10G", 70e12),
     (r"A10\b", 125e12),
     (r"T4\b", 65e12),  # fp16 only (no bf16)
     (r"V100", 125e12),
