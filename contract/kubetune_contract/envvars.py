@@ -31,6 +31,7 @@ LOCAL_WORKER = "KUBETUNE_LOCAL_WORKER"  # "1" on the launcher's children: train,
 
 # Read by the trainer only; the operator never sets them.
 TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"  # default layout.TERMINATION_LOG
+PEAK_FLOPS = "KUBETUNE_PEAK_FLOPS"  # dense peak FLOP/s of one GPU for MFU (default: mfu.PEAK_FLOPS by name)
 # Test and demo knobs: reachable from a pod's env (spec.pod.env) so the e2e tests and the demo
 # can use them, never set by the operator and not meant for production jobs.
 STEP_DELAY_SECONDS = "KUBETUNE_STEP_DELAY_SECONDS"  # sleep after each optimizer step (slow demos)

@@ -45,6 +45,21 @@ class ProgressRecord(SpecModel):
     message: str | None = Field(None, max_length=MESSAGE_MAX_CHARS, description="Why it failed, for user errors.")
     elapsed_seconds: float = 0.0
     steps_per_second: float | None = None
+    # Goodput facts of this attempt (this process), for the operator to combine per job; absent
+    # from trainers that predate them. Metrics of the same name: docs/metrics.md.
+    productive_seconds: float | None = Field(
+        None, ge=0, description="Wall time in optimizer steps that advanced the global step for the first time."
+    )
+    recomputed_steps: int | None = Field(
+        None, ge=0, description="Steps trained again: resumed from a checkpoint older than the highest step reached."
+    )
+    startup_seconds: float | None = Field(None, ge=0, description="Process start to the first optimizer step.")
+    checkpoint_blocked_seconds: float | None = Field(
+        None, ge=0, description="Training time spent in checkpoint saves (local write and staging)."
+    )
+    mfu: float | None = Field(
+        None, ge=0, description="Model FLOPs utilization over the last logging window; absent without a known GPU."
+    )
 
     @property
     def progress_percentage(self) -> int | None:

@@ -157,6 +157,8 @@ def family_names(registry: CollectorRegistry) -> set[str]:
 def test_docs_list_every_metric_and_no_other(metrics):
     trainer = TrainerMetrics()
     _metrics_for(trainer.registry)  # the checkpoint store's metrics share the trainer's registry
+    for once_known in (trainer.startup_seconds, trainer.flops_per_token, trainer.mfu):  # absent until known
+        trainer.known(once_known, 1.0)
     exported = family_names(metrics.registry) | family_names(trainer.registry)
     nvml = {
         "kubetune_trainer_gpu_utilization_ratio",

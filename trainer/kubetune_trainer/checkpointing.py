@@ -36,6 +36,7 @@ class Checkpointing:
         self.last_saved_step: int | None = None  # on every rank: at a stop all must agree whether to save
         self.last_time = time.monotonic()  # rank 0's clock decides time-based checkpoints
         self.failures: list[BaseException] = []
+        self.on_blocked: Any = None  # called with the seconds each save held training up
 
     @classmethod
     def open(
@@ -107,6 +108,9 @@ class Checkpointing:
         fut.add_done_callback(self._on_upload_done)
         self.last_time = time.monotonic()
         self.metrics.safe(lambda: self.metrics.checkpoint_save.set(blocked))
+        if self.on_blocked is not None:
+            held = time.monotonic() - t0  # the local write and the store's staging
+            self.metrics.safe(lambda: self.on_blocked(held))
         logs.log("checkpoint_saved_locally", step=step, reason=reason, seconds=round(blocked, 3))
         self.progress.update(phase="training")
         return fut

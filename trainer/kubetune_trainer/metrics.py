@@ -2,7 +2,9 @@
 
 The server runs in a daemon thread; nothing here may fail training: every update is wrapped, and
 a port that cannot be bound only logs a warning. GPU utilization and memory come from NVML at
-scrape time when `pynvml` (nvidia-ml-py) and a driver are present; on CPU those series are absent.
+scrape time when `pynvml` (the `gpu` extra: nvidia-ml-py) and a driver are present; on CPU those
+series are absent, not zero, and an NVML error at scrape time drops the series it broke (one log
+line per process), never the scrape.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from . import logs
@@ -41,17 +43,23 @@ class Throughput:
 class _NvmlCollector:
     """GPU utilization (ratio) and memory used (bytes) per visible GPU, read at scrape time."""
 
-    def __init__(self) -> None:
+    def __init__(self, nvml: Any = None) -> None:
         self._nvml: Any = None  # the pynvml module, when a driver answers
         self._handles: list[Any] = []
+        self._warned = False
         try:
-            import pynvml  # lazily: absent on CPU images
+            if nvml is None:
+                import pynvml  # lazily: the `gpu` extra, absent on CPU images
 
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:
-            self._nvml = None
+                nvml = pynvml
+
+            nvml.nvmlInit()
+            self._handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+            self._nvml = nvml
+        except ImportError:
+            pass
+        except Exception as e:  # installed, but no driver (a CPU node): absent
+            logs.log("nvml_unavailable", "info", error=f"{type(e).__name__}: {e}")
 
     @property
     def available(self) -> bool:
@@ -71,16 +79,18 @@ class _NvmlCollector:
                 util.add_metric([str(i)], u.gpu / 100.0)
                 mem.add_metric([str(i)], float(m.used))
                 total.add_metric([str(i)], float(m.total))
-            except Exception:
-                continue
-        return [util, mem, total]
+            except Exception as e:  # e.g. NVMLError_GpuIsLost: this GPU's series are absent
+                if not self._warned:
+                    self._warned = True
+                    logs.log("nvml_scrape_failed", "warning", gpu=i, error=f"{type(e).__name__}: {e}")
+        return [f for f in (util, mem, total) if f.samples]
 
     def describe(self):
         return []
 
 
 class TrainerMetrics:
-    def __init__(self):
+    def __init__(self, nvml: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.step = Gauge("kubetune_trainer_step", "Optimizer steps completed", registry=r)
@@ -99,9 +109,52 @@ class TrainerMetrics:
             "Training time blocked by the last local checkpoint save",
             registry=r,
         )
-        self.nvml = _NvmlCollector()
+        # goodput facts (this process; see goodput.py) and MFU (mfu.py)
+        self.step_seconds = Histogram(
+            "kubetune_trainer_step_seconds",
+            "Wall time of one optimizer step (all micro-batches, the step's all-reduce)",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.productive_seconds = Counter(
+            "kubetune_trainer_productive_seconds",
+            "Wall time inside optimizer steps that advanced the global step for the first time",
+            registry=r,
+        )
+        self.recomputed_steps = Counter(
+            "kubetune_trainer_recomputed_steps",
+            "Optimizer steps trained again after resuming from a checkpoint older than the highest step reached",
+            registry=r,
+        )
+        self.checkpoint_blocked_seconds = Counter(
+            "kubetune_trainer_checkpoint_blocked_seconds",
+            "Training time spent in checkpoint saves (local write and staging)",
+            registry=r,
+        )
+        # registered once known: the startup at the first step, the model's FLOPs per token after
+        # loading, MFU once a GPU peak is known
+        self.startup_seconds = Gauge(
+            "kubetune_trainer_startup_seconds", "Process start to the first optimizer step", registry=None
+        )
+        self.flops_per_token = Gauge(
+            "kubetune_trainer_model_flops_per_token",
+            "Model FLOPs to train on one token (forward + backward; see docs/metrics.md)",
+            registry=None,
+        )
+        self.mfu = Gauge(
+            "kubetune_trainer_mfu_ratio", "Model FLOPs utilization over the last logging window (0-1)", registry=None
+        )
+        self._known: set[int] = set()
+        self.nvml = _NvmlCollector(nvml)
         if self.nvml.available:
             r.register(self.nvml)
+
+    def known(self, gauge: Gauge, value: float) -> None:
+        """Set one of the gauges that exist only once known (startup_seconds, flops_per_token, mfu)."""
+        if id(gauge) not in self._known:
+            self.registry.register(gauge)
+            self._known.add(id(gauge))
+        gauge.set(value)
 
     def safe(self, fn: Callable[[], None]) -> None:
         try:

@@ -43,6 +43,9 @@ class TrainerOptions:
     """torch.distributed rendezvous and collective timeout (KUBETUNE_DIST_TIMEOUT_SECONDS)."""
     shutdown_upload_timeout_seconds: float = 600.0
     """How long exit waits for a checkpoint upload in flight (KUBETUNE_SHUTDOWN_UPLOAD_TIMEOUT)."""
+    peak_flops: float | None = None
+    """Dense bf16/fp16 peak FLOP/s of one GPU, for MFU (KUBETUNE_PEAK_FLOPS); None: looked up by the
+    GPU's name (mfu.PEAK_FLOPS); MFU is absent when neither knows."""
     step_delay_seconds: float = 0.0
     """Test/demo only (KUBETUNE_STEP_DELAY_SECONDS): sleep after each optimizer step so a
     preemption can be injected mid-run. Reachable from a pod's env (spec.pod.env), never set by
@@ -80,6 +83,7 @@ class TrainerOptions:
             dist_timeout_seconds=_float(environ, envvars.DIST_TIMEOUT_SECONDS, 1800.0),
             shutdown_upload_timeout_seconds=_float(environ, envvars.SHUTDOWN_UPLOAD_TIMEOUT, 600.0),
             step_delay_seconds=_float(environ, envvars.STEP_DELAY_SECONDS, 0.0),
+            peak_flops=_float(environ, envvars.PEAK_FLOPS, 0.0) or None,
         )
 
 

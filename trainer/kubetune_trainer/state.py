@@ -55,6 +55,7 @@ class TrainState:
     global_micro_batch: int = 1
     total_steps: int = 0
     dataset_sha256: str = ""
+    highest_step: int = 0  # the highest global step any attempt reached, as known at this state
     format_version: int = FORMAT_VERSION
 
     @classmethod

@@ -63,6 +63,7 @@ class Run:
         stop: StopFlag | None = None,
         step_hooks: Iterable[StepHook] = (),
     ) -> None:
+        from .goodput import Goodput
         from .metrics import TrainerMetrics
         from .progress import Progress
 
@@ -75,6 +76,9 @@ class Run:
         self.work = Path(opts.work_dir)
         self.progress = Progress(cfg.progress_interval_seconds)
         self.metrics = TrainerMetrics()
+        self.goodput = Goodput(self.metrics)  # process start → first step, productive / recomputed steps
+        self.highwater: Any = None  # goodput.HighWaterMark on rank 0, once S3 is known to answer
+        self.flops: tuple[float, float | None] | None = None  # (model FLOPs per token, GPU peak FLOP/s)
         self.server: Any = None
         self.ckpt: Checkpointing | None = None
         self._client: Any = None
@@ -182,7 +186,10 @@ class Run:
     def _shutdown(self) -> None:
         if self.ckpt is not None:
             self.ckpt.close(timeout=self.opts.shutdown_upload_timeout_seconds)
+        if self.highwater is not None:
+            self.highwater.close(self.state.global_step)
         if self.rank0:
+            self.progress.update(**self.goodput.progress_fields())
             self.progress.write_termination_log(self.opts.termination_log)
         if self.server is not None:
             self.server.close()
@@ -210,13 +217,40 @@ class Run:
             gradient_checkpointing=t.gradient_checkpointing,
             device=str(self.dist.device),
         )
+        self._model_flops(model, trainable, n_total)
         return M.build_training_parts(model, cfg, self.precision, self.data.total_steps, self.dist)
+
+    def _model_flops(self, model: Any, trainable: int, total: int) -> None:
+        """FLOPs per token of this model on this data, and the GPU's peak: MFU's inputs (mfu.py)."""
+        from . import mfu
+
+        seqs = self.data.train_seqs
+        shape = mfu.shape_of(model, trainable, total, sum(len(s) for s in seqs) / max(1, len(seqs)))
+        if shape is None:
+            return
+        gpu, peak = None, None
+        if self.dist.cuda:
+            import torch
+
+            with contextlib.suppress(Exception):
+                gpu = torch.cuda.get_device_name(self.dist.device)
+            peak = self.opts.peak_flops or mfu.peak_flops_for(gpu)
+        fpt = mfu.flops_per_token(shape, self.cfg.method)
+        self.flops = (fpt, peak)
+        self.metrics.safe(lambda: self.metrics.known(self.metrics.flops_per_token, fpt))
+        logs.rank0("model_flops", flops_per_token=fpt, gpu=gpu, peak_flops=peak, seq_len=round(shape.seq_len, 1))
 
     def _resume(self) -> None:
         env, data = self.dist.env, self.data
         self.ckpt = Checkpointing.open(
             self.cfg, self.dist, self.work, self.client(), self.progress, self.metrics, self.opts.attempt
         )
+        self.ckpt.on_blocked = self.goodput.checkpoint_blocked
+        if self.rank0:
+            from .goodput import HighWaterMark
+
+            interval = self.cfg.progress_interval_seconds
+            self.highwater = HighWaterMark(self.client(), self.cfg.checkpoint_prefix, interval)
         resumed = self.ckpt.resume(self.parts, data.batches)
         if resumed is not None:
             st, info = resumed
@@ -233,6 +267,8 @@ class Run:
                 loss=st.last_loss,
             )
         st = self.state
+        st.highest_step = max(st.highest_step, st.global_step, self.highwater.read() if self.highwater else 0)
+        self.goodput.resumed(st.highest_step)
         # a fresh state records this run's world too, so that resuming it restores every rank's RNG
         st.world_size, st.global_micro_batch = env.world, data.batches.global_micro
         if st.dataset_sha256 and st.dataset_sha256 != data.dataset_sha256:
@@ -271,8 +307,10 @@ class Run:
         ckpt.last_time = time.monotonic()
         self.set_phase("training", step=st.global_step)
         logs.rank0("training_start", step=st.global_step, total_steps=total_steps, epoch=st.epoch)
+        self.goodput.training_starts()
 
         while st.global_step < total_steps:
+            t_step = time.monotonic()
             mpe = batches.micro_per_epoch
             micro_ids = list(range(st.micro_in_epoch, min(st.micro_in_epoch + ga, mpe)))
             mbs = [batches.micro_batch(st.epoch, m, rank) for m in micro_ids]
@@ -330,6 +368,10 @@ class Run:
             thr.tokens += int(g[1])
             thr.samples += int(g[2])
             thr.steps += 1
+            self.goodput.step_done(st.global_step, time.monotonic() - t_step)
+            st.highest_step = max(st.highest_step, st.global_step)
+            if self.highwater is not None:
+                self.highwater.note(st.global_step)
             self._after_step(step_loss, int(g[1]), thr)
 
             if t.eval_steps and self.data.eval_seqs and st.global_step % t.eval_steps == 0:
@@ -350,6 +392,7 @@ class Run:
         lr = float(self.parts.scheduler.get_last_lr()[0])
         tps, sps, steps_ps = thr.rates()
         m = self.metrics
+        util = self._mfu(tps)
 
         def record() -> None:
             m.step.set(st.global_step)
@@ -358,6 +401,8 @@ class Run:
             m.tps.set(tps)
             m.sps.set(sps)
             m.tokens.inc(tokens)
+            if util is not None:
+                m.known(m.mfu, util)
 
         m.safe(record)
         self.progress.update(
@@ -369,6 +414,8 @@ class Run:
             tokens_seen=st.tokens_seen,
             epoch=round(st.epoch + st.micro_in_epoch / self.data.batches.micro_per_epoch, 4),
             steps_per_second=round(steps_ps, 6),
+            mfu=None if util is None else round(util, 4),
+            **self.goodput.progress_fields(),
         )
         if st.global_step % t.logging_steps == 0 or st.global_step == total_steps or st.global_step == 1:
             logs.rank0(
@@ -384,6 +431,13 @@ class Run:
                 tokens_seen=st.tokens_seen,
             )
             thr.reset()  # rates over the last logging window
+
+    def _mfu(self, tokens_per_second: float) -> float | None:
+        from . import mfu
+
+        if self.flops is None or not self.dist.cuda:
+            return None
+        return mfu.mfu(tokens_per_second, self.flops[0], self.flops[1], self.dist.env.world)
 
     def _preempt(self) -> ExitCode:
         st = self.state
