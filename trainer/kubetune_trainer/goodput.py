@@ -124,9 +124,25 @@ class Goodput:
         self.recomputed_steps = 0
         self.startup_seconds: float | None = None
         self.checkpoint_blocked_seconds = 0.0
+        self.highwater: HighWaterMark | None = None  # rank 0 only
+
+    def watch_highwater(self, client: Any, prefix_uri: str, interval: float) -> None:
+        """Rank 0 keeps the highest step reached in S3, beyond what the checkpoint knows."""
+        self.highwater = HighWaterMark(client, prefix_uri, interval)
+
+    def resume_from(self, state_highest: int, global_step: int) -> int:
+        """The highest step any attempt reached (checkpoint state, S3 marker, this step); steps up to it
+        are recomputed when trained again."""
+        highest = max(state_highest, global_step, self.highwater.read() if self.highwater else 0)
+        self.resumed(highest)
+        return highest
 
     def resumed(self, highest_before: int) -> None:
         self.highest_before = max(0, highest_before)
+
+    def close(self, step: int) -> None:
+        if self.highwater is not None:
+            self.highwater.close(step)
 
     def training_starts(self, now: float | None = None) -> None:
         """The first step begins: the startup is over."""
@@ -144,6 +160,8 @@ class Goodput:
             self.productive_seconds += seconds
             m.safe(lambda: m.productive_seconds.inc(seconds))
         m.safe(lambda: m.step_seconds.observe(seconds))
+        if self.highwater is not None:
+            self.highwater.note(step)
 
     def checkpoint_blocked(self, seconds: float) -> None:
         self.checkpoint_blocked_seconds += seconds

@@ -156,6 +156,19 @@ class TrainerMetrics:
             self._known.add(id(gauge))
         gauge.set(value)
 
+    def record_step(
+        self, step: int, loss: float, lr: float, tps: float, sps: float, tokens: int, mfu: float | None
+    ) -> None:
+        """One optimizer step's numbers (rank 0)."""
+        self.step.set(step)
+        self.loss.set(loss)
+        self.lr.set(lr)
+        self.tps.set(tps)
+        self.sps.set(sps)
+        self.tokens.inc(tokens)
+        if mfu is not None:
+            self.known(self.mfu, mfu)
+
     def safe(self, fn: Callable[[], None]) -> None:
         try:
             fn()

@@ -19,8 +19,13 @@ small model with a big vocabulary that overstates the work slightly.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from . import logs
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU, from the vendors' datasheets.
 # First match wins: the more specific names come first. Override: KUBETUNE_PEAK_FLOPS.
@@ -94,3 +99,35 @@ def shape_of(model: object, trainable: int, total: int, seq_len: float) -> Model
     if not isinstance(layers, int) or not isinstance(hidden, int):
         return None
     return ModelShape(total, trainable, layers, hidden, seq_len)
+
+
+@dataclass(frozen=True)
+class MfuMeter:
+    """MFU's inputs for one run: the model's FLOPs per token, the GPU's peak and the GPUs training."""
+
+    flops_per_token: float
+    peak_flops_per_gpu: float | None
+    gpus: int
+
+    def ratio(self, tokens_per_second: float) -> float | None:
+        return mfu(tokens_per_second, self.flops_per_token, self.peak_flops_per_gpu, self.gpus)
+
+
+def meter_for(
+    model: Any, trainable: int, total: int, seqs: Sequence[Any], method: str, dist: Any, opts: Any
+) -> MfuMeter | None:
+    """The meter for this model on this data (mean trained sequence length) and this GPU; None when the model's
+    config has no shape. Without CUDA the peak is unknown and the ratio is None (MFU absent on CPU)."""
+    shape = shape_of(model, trainable, total, sum(len(s) for s in seqs) / max(1, len(seqs)))
+    if shape is None:
+        return None
+    gpu, peak = None, None
+    if dist.cuda:
+        import torch
+
+        with contextlib.suppress(Exception):
+            gpu = torch.cuda.get_device_name(dist.device)
+        peak = opts.peak_flops or peak_flops_for(gpu)
+    fpt = flops_per_token(shape, method)
+    logs.rank0("model_flops", flops_per_token=fpt, gpu=gpu, peak_flops=peak, seq_len=round(shape.seq_len, 1))
+    return MfuMeter(fpt, peak, dist.env.world)

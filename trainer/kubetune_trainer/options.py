@@ -49,7 +49,7 @@ class TrainerOptions:
     step_delay_seconds: float = 0.0
     """Test/demo only (KUBETUNE_STEP_DELAY_SECONDS): sleep after each optimizer step so a
     preemption can be injected mid-run. Reachable from a pod's env (spec.pod.env), never set by
-    the operator; applied as a step hook (train.step_delay_hook)."""
+    the operator; applied as a step hook (train.run)."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> TrainerOptions:

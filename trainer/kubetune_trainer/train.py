@@ -45,16 +45,6 @@ StepHook = Callable[[TrainState], None]
 """Called on every rank after each optimizer step (before the step's all-reduce)."""
 
 
-def step_delay_hook(seconds: float) -> StepHook:
-    """Test/demo only (options.step_delay_seconds): slow steps down so a preemption can be
-    injected mid-run."""
-
-    def sleep(_state: TrainState) -> None:
-        time.sleep(seconds)
-
-    return sleep
-
-
 class Run:
     def __init__(
         self,
@@ -77,8 +67,7 @@ class Run:
         self.progress = Progress(cfg.progress_interval_seconds)
         self.metrics = TrainerMetrics()
         self.goodput = Goodput(self.metrics)  # process start → first step, productive / recomputed steps
-        self.highwater: Any = None  # goodput.HighWaterMark on rank 0, once S3 is known to answer
-        self.flops: tuple[float, float | None] | None = None  # (model FLOPs per token, GPU peak FLOP/s)
+        self.mfu_meter: Any = None  # mfu.MfuMeter once the model is loaded
         self.server: Any = None
         self.ckpt: Checkpointing | None = None
         self._client: Any = None
@@ -186,8 +175,7 @@ class Run:
     def _shutdown(self) -> None:
         if self.ckpt is not None:
             self.ckpt.close(timeout=self.opts.shutdown_upload_timeout_seconds)
-        if self.highwater is not None:
-            self.highwater.close(self.state.global_step)
+        self.goodput.close(self.state.global_step)
         if self.rank0:
             self.progress.update(**self.goodput.progress_fields())
             self.progress.write_termination_log(self.opts.termination_log)
@@ -217,28 +205,15 @@ class Run:
             gradient_checkpointing=t.gradient_checkpointing,
             device=str(self.dist.device),
         )
-        self._model_flops(model, trainable, n_total)
-        return M.build_training_parts(model, cfg, self.precision, self.data.total_steps, self.dist)
-
-    def _model_flops(self, model: Any, trainable: int, total: int) -> None:
-        """FLOPs per token of this model on this data, and the GPU's peak: MFU's inputs (mfu.py)."""
         from . import mfu
 
-        seqs = self.data.train_seqs
-        shape = mfu.shape_of(model, trainable, total, sum(len(s) for s in seqs) / max(1, len(seqs)))
-        if shape is None:
-            return
-        gpu, peak = None, None
-        if self.dist.cuda:
-            import torch
-
-            with contextlib.suppress(Exception):
-                gpu = torch.cuda.get_device_name(self.dist.device)
-            peak = self.opts.peak_flops or mfu.peak_flops_for(gpu)
-        fpt = mfu.flops_per_token(shape, self.cfg.method)
-        self.flops = (fpt, peak)
-        self.metrics.safe(lambda: self.metrics.known(self.metrics.flops_per_token, fpt))
-        logs.rank0("model_flops", flops_per_token=fpt, gpu=gpu, peak_flops=peak, seq_len=round(shape.seq_len, 1))
+        self.mfu_meter = mfu.meter_for(
+            model, trainable, n_total, self.data.train_seqs, cfg.method, self.dist, self.opts
+        )
+        if self.mfu_meter is not None:
+            fpt = self.mfu_meter.flops_per_token
+            self.metrics.safe(lambda: self.metrics.known(self.metrics.flops_per_token, fpt))
+        return M.build_training_parts(model, cfg, self.precision, self.data.total_steps, self.dist)
 
     def _resume(self) -> None:
         env, data = self.dist.env, self.data
@@ -247,10 +222,7 @@ class Run:
         )
         self.ckpt.on_blocked = self.goodput.checkpoint_blocked
         if self.rank0:
-            from .goodput import HighWaterMark
-
-            interval = self.cfg.progress_interval_seconds
-            self.highwater = HighWaterMark(self.client(), self.cfg.checkpoint_prefix, interval)
+            self.goodput.watch_highwater(self.client(), self.cfg.checkpoint_prefix, self.cfg.progress_interval_seconds)
         resumed = self.ckpt.resume(self.parts, data.batches)
         if resumed is not None:
             st, info = resumed
@@ -267,8 +239,7 @@ class Run:
                 loss=st.last_loss,
             )
         st = self.state
-        st.highest_step = max(st.highest_step, st.global_step, self.highwater.read() if self.highwater else 0)
-        self.goodput.resumed(st.highest_step)
+        st.highest_step = self.goodput.resume_from(st.highest_step, st.global_step)
         # a fresh state records this run's world too, so that resuming it restores every rank's RNG
         st.world_size, st.global_micro_batch = env.world, data.batches.global_micro
         if st.dataset_sha256 and st.dataset_sha256 != data.dataset_sha256:
@@ -370,8 +341,6 @@ class Run:
             thr.steps += 1
             self.goodput.step_done(st.global_step, time.monotonic() - t_step)
             st.highest_step = max(st.highest_step, st.global_step)
-            if self.highwater is not None:
-                self.highwater.note(st.global_step)
             self._after_step(step_loss, int(g[1]), thr)
 
             if t.eval_steps and self.data.eval_seqs and st.global_step % t.eval_steps == 0:
@@ -391,20 +360,8 @@ class Run:
         st, t, total_steps = self.state, self.cfg.training, self.data.total_steps
         lr = float(self.parts.scheduler.get_last_lr()[0])
         tps, sps, steps_ps = thr.rates()
-        m = self.metrics
-        util = self._mfu(tps)
-
-        def record() -> None:
-            m.step.set(st.global_step)
-            m.loss.set(loss)
-            m.lr.set(lr)
-            m.tps.set(tps)
-            m.sps.set(sps)
-            m.tokens.inc(tokens)
-            if util is not None:
-                m.known(m.mfu, util)
-
-        m.safe(record)
+        util = None if self.mfu_meter is None else self.mfu_meter.ratio(tps)
+        self.metrics.safe(lambda: self.metrics.record_step(st.global_step, loss, lr, tps, sps, tokens, util))
         self.progress.update(
             phase="training",
             step=st.global_step,
@@ -431,13 +388,6 @@ class Run:
                 tokens_seen=st.tokens_seen,
             )
             thr.reset()  # rates over the last logging window
-
-    def _mfu(self, tokens_per_second: float) -> float | None:
-        from . import mfu
-
-        if self.flops is None or not self.dist.cuda:
-            return None
-        return mfu.mfu(tokens_per_second, self.flops[0], self.flops[1], self.dist.env.world)
 
     def _preempt(self) -> ExitCode:
         st = self.state
@@ -537,6 +487,7 @@ def run(
     if opts is None:
         opts = TrainerOptions.from_environ(os.environ)
     hooks = list(step_hooks)
-    if opts.step_delay_seconds:
-        hooks.append(step_delay_hook(opts.step_delay_seconds))
+    delay = opts.step_delay_seconds
+    if delay:  # test/demo only: slow steps down so a preemption can be injected mid-run
+        hooks.append(lambda _state: time.sleep(delay))
     return Run(cfg, opts, stop, hooks).run()
