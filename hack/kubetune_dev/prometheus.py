@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from kubetune_dev.procs import free_port
+from kubetune_dev.procs import free_port, terminate
 from kubetune_dev.versions import binary as pinned_binary
 
 
@@ -146,13 +146,8 @@ class PrometheusServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            terminate(proc, timeout=15)
 
     def cleanup(self) -> None:
         """Stop and delete the temp dir (TSDB, config and log)."""

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune_dev.procs import free_port
+from kubetune_dev.procs import free_port, terminate
 from kubetune_dev.versions import binary as pinned_binary
 
 
@@ -114,13 +114,8 @@ class MinioServer:
 
     def stop(self, remove_data: bool = True) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if proc is not None:
+            terminate(proc, timeout=10)
         if remove_data and self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
