@@ -187,12 +187,7 @@ class ControlPlane:
                 "kube-controller-manager",
                 [
                     str(binary("kube-controller-manager")),
-                    f"--kubeconfig={self.kubeconfig}",
-                    f"--authentication-kubeconfig={self.kubeconfig}",
-                    f"--authorization-kubeconfig={self.kubeconfig}",
-                    "--leader-elect=false",
-                    f"--secure-port={free_port()}",
-                    "--bind-address=127.0.0.1",
+                    *self._controller_flags(),
                     f"--service-account-private-key-file={p}/sa.key",
                     f"--root-ca-file={p}/ca.crt",
                     f"--cluster-signing-cert-file={p}/ca.crt",
@@ -210,12 +205,7 @@ class ControlPlane:
                 "kube-scheduler",
                 [
                     str(binary("kube-scheduler")),
-                    f"--kubeconfig={self.kubeconfig}",
-                    f"--authentication-kubeconfig={self.kubeconfig}",
-                    f"--authorization-kubeconfig={self.kubeconfig}",
-                    "--leader-elect=false",
-                    f"--secure-port={free_port()}",
-                    "--bind-address=127.0.0.1",
+                    *self._controller_flags(),
                 ],
             )
         return self
@@ -229,6 +219,18 @@ class ControlPlane:
             self.pki / f"{cert}.key",
             user,
         )
+
+    def _controller_flags(self) -> list[str]:
+        """What the controller-manager and the scheduler share: the admin kubeconfig for everything, no leader
+        election (one of each), a free loopback port for their own HTTPS endpoint."""
+        return [
+            f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--leader-elect=false",
+            f"--secure-port={free_port()}",
+            "--bind-address=127.0.0.1",
+        ]
 
     def _audit_flags(self) -> list[str]:
         if not self.audit:

@@ -13,7 +13,7 @@ from kubetune_dev.jobs import job_manifest
 from tests.fixtures.control_plane import wait_for
 
 from .jobs import Jobs
-from .test_operator import evict, phase, running_pod, s3_port  # noqa: F401  (s3_port: a fixture)
+from .test_operator import evict, finish_pod, phase, running_pod, s3_port  # noqa: F401  (s3_port: a fixture)
 
 pytestmark = pytest.mark.cluster
 RUN_SECONDS = 4  # how long the resumed pod "trains" before it exits
@@ -31,33 +31,7 @@ def finish_keeping_start(jobs: Jobs, pod_name: str, record: ProgressRecord) -> N
     so the run is paid for)."""
     pod = jobs.core.read_namespaced_pod(pod_name, jobs.ns)
     started = pod.status.container_statuses[0].state.running.started_at
-    jobs.core.patch_namespaced_pod_status(
-        pod_name,
-        jobs.ns,
-        {
-            "status": {
-                "phase": "Succeeded",
-                "containerStatuses": [
-                    {
-                        "name": "trainer",
-                        "ready": False,
-                        "restartCount": 0,
-                        "image": "trainer",
-                        "imageID": "",
-                        "state": {
-                            "terminated": {
-                                "exitCode": 0,
-                                "reason": "Completed",
-                                "startedAt": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "message": record.model_dump_json(by_alias=True, exclude_none=True),
-                            }
-                        },
-                    }
-                ],
-            }
-        },
-    )
+    finish_pod(jobs, pod_name, 0, record, started_at=started.strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
 def test_prometheus_sees_the_cost_and_preemption_of_a_job(jobs, s3_port, fake_nodes, operator, prometheus):  # noqa: F811

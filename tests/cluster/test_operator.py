@@ -64,13 +64,18 @@ def now() -> str:
 
 
 def finish_pod(
-    jobs: Jobs, pod: str, exit_code: int, record: ProgressRecord | None = None, reason: str | None = None
+    jobs: Jobs,
+    pod: str,
+    exit_code: int,
+    record: ProgressRecord | None = None,
+    reason: str | None = None,
+    started_at: str | None = None,
 ) -> None:
-    """What the kubelet reports when the trainer container exits."""
+    """What the kubelet reports when the trainer container exits (started now unless started_at says)."""
     term = {
         "exitCode": exit_code,
         "reason": reason or ("Completed" if exit_code == 0 else "Error"),
-        "startedAt": now(),
+        "startedAt": started_at or now(),
         "finishedAt": now(),
     }
     if record is not None:
