@@ -60,6 +60,16 @@ ensure_tools() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+image_id() { buildah inspect --type image --format '{{.FromImageID}}' "$1" 2>/dev/null || true; }
+# The image a rebuild replaced keeps its layers (6 GB for the trainer) as a dangling image; drop it
+# unless something still names it. Only that leaf goes: the --layers cache it shares stays.
+remove_replaced() {  # previous_id new_id
+  [ -n "$1" ] && [ "$1" != "$2" ] || return 0
+  if buildah images --noheading --format '{{.ID}} {{.Name}}' | awk -v id="${1:0:12}" '$1 == id && $2 != "<none>"' | grep -q .; then
+    return 0
+  fi
+  buildah rmi "$1" >/dev/null 2>&1 && log "removed the replaced image ${1:0:12}" || true
+}
 image_exists() { buildah inspect --type image "$1" >/dev/null 2>&1; }
 image_label() { buildah inspect --type image --format "{{index .ImageAnnotations \"$2\"}}{{index .OCIv1.Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
 
@@ -176,10 +186,12 @@ build_image() {  # name dockerfile [context]
   # Build-time only (never in a layer): pip's cache, and the host's CA bundle + a pip.conf using
   # it, so RUN steps get through a TLS-intercepting egress proxy the way the host does.
   local vols; build_volumes
+  local previous; previous=$(image_id "$tag")
   buildah bud --layers --network host \
     --build-arg BASE_IMAGE="$BASE_IMAGE" "${vols[@]}" \
     -f "$file" -t "$tag" "$context" >&2
   log "built $tag in $(( $(now) - t0 ))s"
+  remove_replaced "$previous" "$(image_id "$tag")"
   BUILT+=("$tag")
 }
 
