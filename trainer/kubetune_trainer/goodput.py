@@ -2,9 +2,9 @@
 
 - productive seconds: wall time inside optimizer steps that advanced the global step past the
   highest step any attempt had reached (first-time progress);
-- recomputed steps: steps trained again because the attempt resumed from a checkpoint older
-  than that highest step (a kill without SIGTERM, a node lost: the steps after the last
-  checkpoint are done twice);
+- recomputed steps (and their wall time, recomputed seconds): steps trained again because the
+  attempt resumed from a checkpoint older than that highest step (a kill without SIGTERM, a node
+  lost: the steps after the last checkpoint are done twice);
 - startup seconds: process start to the first step (S3 checks, model and data loading, restore);
 - checkpoint-blocked seconds: training time spent in checkpoint saves (local write + staging).
 
@@ -122,6 +122,7 @@ class Goodput:
         self.highest_before = 0  # the highest step an earlier attempt reached
         self.productive_seconds = 0.0
         self.recomputed_steps = 0
+        self.recomputed_seconds = 0.0
         self.startup_seconds: float | None = None
         self.checkpoint_blocked_seconds = 0.0
         self.highwater: HighWaterMark | None = None  # rank 0 only
@@ -155,7 +156,9 @@ class Goodput:
         m = self.metrics
         if step <= self.highest_before:
             self.recomputed_steps += 1
+            self.recomputed_seconds += seconds
             m.safe(lambda: m.recomputed_steps.inc())
+            m.safe(lambda: m.recomputed_seconds.inc(seconds))
         else:
             self.productive_seconds += seconds
             m.safe(lambda: m.productive_seconds.inc(seconds))
@@ -173,6 +176,7 @@ class Goodput:
         out: dict[str, Any] = {
             "productive_seconds": round(self.productive_seconds, 3),
             "recomputed_steps": self.recomputed_steps,
+            "recomputed_seconds": round(self.recomputed_seconds, 3),
             "checkpoint_blocked_seconds": round(self.checkpoint_blocked_seconds, 3),
         }
         if self.startup_seconds is not None:
