@@ -53,6 +53,9 @@ class ProgressRecord(SpecModel):
     recomputed_steps: int | None = Field(
         None, ge=0, description="Steps trained again: resumed from a checkpoint older than the highest step reached."
     )
+    recomputed_seconds: float | None = Field(
+        None, ge=0, description="Wall time of the recomputed steps (in optimizer steps, like productive_seconds)."
+    )
     startup_seconds: float | None = Field(None, ge=0, description="Process start to the first optimizer step.")
     checkpoint_blocked_seconds: float | None = Field(
         None, ge=0, description="Training time spent in checkpoint saves (local write and staging)."

@@ -38,7 +38,8 @@ def act(ctx: OperatorContext, job: dict[str, Any], spec: api.FineTuneJobSpec | N
         k.ensure_config_map(render.config_map(job, spec))
     for attempt, rank in d.create_pods:
         assert spec is not None
-        pod = render.worker_pod(job, spec, ctx.settings, attempt, rank, d.master_addr or "127.0.0.1", d.on_demand)
+        master = d.master_addr or "127.0.0.1"
+        pod = render.worker_pod(job, spec, ctx.settings, attempt, rank, master, d.on_demand, d.job_cost)
         try:
             created = k.create_pod(pod)
         except ApiException as e:

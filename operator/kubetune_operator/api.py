@@ -220,9 +220,75 @@ class Progress(SpecModel):
     update_time: str | None = None
 
 
+class Goodput(SpecModel):
+    """Of the paid worker time (workerSeconds), how much went where, in worker-seconds (rank 0's
+    facts, from its progress records, times the workers), and in USD at the job's average price
+    (estimatedUsd / workerSeconds). The four trainer-fed categories and pendingSeconds only grow."""
+
+    productive_seconds: float = Field(
+        0.0, description="Optimizer steps that advanced the job's highest step (first-time training)."
+    )
+    startup_seconds: float = Field(
+        0.0,
+        description="Process start to the first step (loading, restore) of the first attempt and of attempts "
+        "after non-preemption restarts (failures, suspends, budget stops).",
+    )
+    checkpoint_blocked_seconds: float = Field(0.0, description="Training time spent in checkpoint saves.")
+    lost_to_preemption_seconds: float = Field(
+        0.0,
+        description="Steps trained again after a resume (recomputed since the last checkpoint) plus the "
+        "start-up of every attempt that began after a preemption. 0 for a job never preempted.",
+    )
+    other_seconds: float = Field(
+        0.0, description="workerSeconds minus the four above (evaluation, export, the SIGTERM tail); >= 0."
+    )
+    pending_seconds: float = Field(
+        0.0,
+        description="Worker pods' creation to container start (scheduling, node provisioning, image pull); "
+        "not part of workerSeconds (not paid), reported because it delays the job.",
+    )
+    ratio: float = Field(0.0, ge=0, le=1, description="productiveSeconds / workerSeconds.")
+    productive_usd: str = Field("0.000000", description="USD of productiveSeconds (decimal string).")
+    lost_to_preemption_usd: str = Field("0.000000", description="USD of lostToPreemptionSeconds (decimal string).")
+
+
+class GoodputFacts(SpecModel):
+    """Rank 0's goodput facts of one attempt, in its own seconds (the trainer's ProgressRecord)."""
+
+    productive_seconds: float = 0.0
+    recomputed_seconds: float = 0.0
+    startup_seconds: float = 0.0
+    checkpoint_blocked_seconds: float = 0.0
+
+
+class GoodputCategories(SpecModel):
+    """Worker-seconds by trainer-fed category."""
+
+    productive_seconds: float = 0.0
+    startup_seconds: float = 0.0
+    checkpoint_blocked_seconds: float = 0.0
+    lost_to_preemption_seconds: float = 0.0
+
+
+class GoodputLedger(SpecModel):
+    """The operator's bookkeeping behind cost.goodput, kept in status so that neither its own restart
+    nor a new attempt loses facts: the totals of the attempts before `attempt`, and the latest facts
+    of `attempt` (rank 0's last progress record of it, polled or its termination message; an attempt
+    that vanished keeps its last polled facts). Folded into `finished` when a later attempt reports."""
+
+    finished: GoodputCategories = Field(default_factory=GoodputCategories)
+    attempt: int | None = Field(None, description="The attempt `facts` are of.")
+    workers: int = Field(1, description="That attempt's workers (its rank 0's seconds count this many times).")
+    after_preemption: bool = Field(False, description="That attempt began after a preemption.")
+    facts: GoodputFacts = Field(default_factory=GoodputFacts)
+    last_ended: int | None = Field(None, description="The last attempt the operator ended.")
+    last_ended_by_preemption: bool = Field(False, description="... and whether a preemption ended it.")
+
+
 class Cost(SpecModel):
-    """What the job's worker containers have used, accrued for the time they ran (operator/cost.py).
-    Every total only grows: the operator's /metrics exports them as counters."""
+    """What the job's worker containers have used, accrued for the time they ran (operator/cost.py),
+    and how much of it was goodput (operator/goodput.py). Every total only grows: the operator's
+    /metrics exports them as counters."""
 
     gpu_hours: float = Field(0.0, description="GPU-hours, all capacity types.")
     spot_gpu_hours: float = Field(0.0, description="GPU-hours on spot nodes.")
@@ -234,6 +300,16 @@ class Cost(SpecModel):
         "minus estimatedUsd: the spot savings.",
     )
     accrued_until: str | None = Field(None, description="Cost is accrued up to this time (RFC 3339).")
+    worker_seconds: float = Field(
+        0.0, description="Paid worker container-seconds (container start to end), all workers and attempts."
+    )
+    cpu_core_hours: float = Field(0.0, description="Requested CPU cores times workerSeconds, in hours.")
+    tokens: int = Field(0, description="Tokens trained (the furthest attempt's count; steps trained twice once).")
+    usd_per_million_tokens: str | None = Field(
+        None, description="estimatedUsd / tokens x 1e6 (decimal string); absent until tokens > 0."
+    )
+    goodput: Goodput | None = None
+    ledger: GoodputLedger | None = Field(None, description="Bookkeeping behind goodput (not a user-facing total).")
 
 
 class BudgetStatus(SpecModel):

@@ -1,5 +1,6 @@
-"""GPU-hours (by capacity type), estimated USD and its on-demand equivalent, accrued in the job's
-status for the time trainer containers run. Pure."""
+"""GPU-hours (by capacity type), worker-seconds, CPU core-hours, estimated USD and its on-demand
+equivalent, accrued in the job's status for the time trainer containers run; and the time worker
+pods waited for their container to start (goodput.pendingSeconds). Pure."""
 
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def accrue(
     now: dt.datetime,
 ) -> dict[str, Any]:
     """Add, for every worker container, the part of its run between `accruedUntil` and `now`:
-    GPU-hours by capacity type, USD at the node's price, and USD at the on-demand price of the
-    same GPU type (what the job would have cost without spot). Idempotent for a given `now`;
+    GPU-hours by capacity type, worker-seconds and CPU core-hours, USD at the node's price, and USD
+    at the on-demand price of the same GPU type (what the job would have cost without spot); and
+    for every pod the part of its creation -> container start between the two. Idempotent for a given `now`;
     every total only grows (the operator's metrics export them as counters)."""
     now = now.replace(microsecond=0)  # accruedUntil has second resolution; stay consistent with it
     cost = dict(cost or {})
@@ -55,12 +57,23 @@ def accrue(
     # A status from before these fields existed: everything that was not spot was on-demand.
     on_demand_gpu_hours = float(cost.get("onDemandGpuHours", max(0.0, round(gpu_hours - spot_gpu_hours, 6))))
     on_demand_usd = float(cost.get("onDemandUsd", usd) or 0)
+    cores = cpu_cores(resources.cpu)
+    # ... and before workerSeconds existed: GPU-hours per GPU were the worker time (CPU jobs: unknown, 0).
+    worker_seconds = float(cost.get("workerSeconds", gpu_hours * 3600 / resources.gpus if resources.gpus else 0.0))
+    cpu_core_hours = float(cost.get("cpuCoreHours", worker_seconds / 3600 * cores))
+    goodput = dict(cost.get("goodput") or {})
+    pending = float(goodput.get("pendingSeconds", 0.0))
     for pod in pods:
+        if pod.created_at is not None:  # creation -> container start: waiting, not paid
+            waited_until = min(now, pod.started_at or pod.finished_at or now)
+            pending += max(0.0, (waited_until - max(since, pod.created_at)).total_seconds())
         if pod.started_at is None or not pod.node:
             continue
         start = max(since, pod.started_at)
         end = min(now, pod.finished_at or now)
         hours = max(0.0, (end - start).total_seconds() / 3600)
+        worker_seconds += hours * 3600
+        cpu_core_hours += hours * cores
         node = nodes.get(pod.node)
         usd += hours * price(node, resources)
         on_demand_node = NodeView(node.name, "on-demand", node.gpu_type) if node is not None else None
@@ -70,7 +83,12 @@ def accrue(
             spot_gpu_hours += hours * resources.gpus
         else:
             on_demand_gpu_hours += hours * resources.gpus
+    goodput["pendingSeconds"] = round(pending, 3)
     return {
+        **cost,  # (goodput's other fields, the ledger, tokens: goodput.py keeps them)
+        "goodput": goodput,
+        "workerSeconds": round(worker_seconds, 3),
+        "cpuCoreHours": round(cpu_core_hours, 6),
         "gpuHours": round(gpu_hours, 6),
         "spotGpuHours": round(spot_gpu_hours, 6),
         "onDemandGpuHours": round(on_demand_gpu_hours, 6),

@@ -195,6 +195,8 @@ NO_OPENCOST = "No data (no OpenCost series)"
 
 
 def utilization() -> dict[str, Any]:
+    from .dashboard_goodput import utilization_panels  # (it builds on this module's parts)
+
     trainer = f"{{{JOB}}}"
     return dashboard(
         "kubetune-utilization",
@@ -283,6 +285,7 @@ def utilization() -> dict[str, Any]:
                 ],
                 no_value=NO_TRAINER,
             ),
+            *utilization_panels(),
             row("GPUs"),
             panel(
                 "GPU utilization per job (NVML)",
@@ -348,6 +351,8 @@ def utilization() -> dict[str, Any]:
 
 
 def cost() -> dict[str, Any]:
+    from .dashboard_goodput import cost_panels
+
     sel = f"{{{JOB}}}"
     usd = f"max by ({BY_JOB}) (kubetune_job_cost_usd_total{sel})"
     return dashboard(
@@ -485,6 +490,7 @@ def cost() -> dict[str, Any]:
                 [target(f"sum(increase(kubetune_job_preemptions_total{sel}[$__range]))", "preemptions", instant=True)],
                 kind="stat",
             ),
+            *cost_panels(),
             row("OpenCost"),
             panel(
                 "OpenCost GPU price of the jobs' nodes",

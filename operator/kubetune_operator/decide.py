@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from kubetune_contract.progress import ExitCode, ProgressRecord
 
-from . import api, budget
+from . import api, budget, goodput
 from .cost import accrue
 from .render import pod_name
 from .timeutil import parse_time, rfc3339
@@ -71,6 +71,7 @@ class Decision:
     delete_pods: list[str] = field(default_factory=list)
     delete_job: bool = False
     events: list[Event] = field(default_factory=list)
+    job_cost: str | None = None  # the new pods' KUBETUNE_JOB_COST (JSON): the earlier attempts' totals
 
 
 def set_condition(
@@ -147,9 +148,15 @@ def _finish(
     d.events.append(Event("Normal" if ok else "Warning", reason, message))
 
 
-def _end_attempt(st: dict[str, Any], obs: Observed, d: Decision, attempt: int, alive: list[PodView]) -> Decision:
+def _end_attempt(
+    st: dict[str, Any], obs: Observed, d: Decision, attempt: int, alive: list[PodView], preempted: bool = False
+) -> Decision:
     """Close this attempt in status. When none of its pods still runs (their final checkpoint is
     durable), start the next attempt in the same decision: recovery must not wait for a timer."""
+    st["cost"] = {
+        **(st.get("cost") or {}),
+        "ledger": goodput.attempt_ended((st.get("cost") or {}).get("ledger"), attempt, preempted),
+    }
     st["attempt"] = attempt + 1
     st["phase"] = "Restarting"
     st.pop("workers", None)
@@ -183,6 +190,17 @@ def _progress(st: dict[str, Any], record: ProgressRecord, now: dt.datetime) -> N
 
 
 def decide(obs: Observed) -> Decision:
+    d = _decide(obs)
+    if d.status.get("cost"):
+        d.status["cost"] = goodput.summarize(d.status["cost"])
+    if d.create_pods and obs.spec is not None:
+        d.job_cost = goodput.job_cost_env(
+            d.status.get("cost"), obs.spec, d.create_pods[0][0], d.on_demand, obs.gpu_price
+        )
+    return d
+
+
+def _decide(obs: Observed) -> Decision:
     meta = obs.job["metadata"]
     gen = meta.get("generation")
     st: dict[str, Any] = copy.deepcopy(obs.job.get("status") or {})
@@ -208,6 +226,10 @@ def decide(obs: Observed) -> Decision:
         container_ended = any(p.finished_at and (since is None or p.finished_at > since) for p in obs.pods)
         if since is None or container_ended or (now - since).total_seconds() >= COST_STEP_SECONDS:
             st["cost"] = accrue(st.get("cost"), obs.pods, obs.nodes, obs.spec.resources, obs.gpu_price, now)
+    records = goodput.rank0_records(obs.pods, obs.progress, attempt)  # goodput facts (and tokens) of rank 0
+    if records and obs.spec is not None:
+        before = bool(st["preemptions"]) and not st["restarts"]  # (a status from before the ledger)
+        st["cost"] = goodput.observe_records(st.get("cost"), records, obs.spec.resources.workers, before)
 
     if st.get("phase") in ("Succeeded", "Failed"):
         # Finished: never recreate children; stop stragglers; honour the TTL.
@@ -343,7 +365,7 @@ def decide(obs: Observed) -> Decision:
                         alive,
                     )
                     return d
-            return _end_attempt(st, obs, d, attempt, alive)
+            return _end_attempt(st, obs, d, attempt, alive, preempted=True)
         name = next(n for n, o in ended if o == "failed")
         st["restarts"] += 1
         why = _trainer_message(by_name[name])

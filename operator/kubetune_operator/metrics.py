@@ -174,6 +174,59 @@ class JobsCollector(Collector):
             phases.add_metric([phase], n)
         yield from (phases, info, pod_info, gpu_seconds, usd, on_demand_usd, preemptions, restarts, progress, eta)
         yield from (budget_usd, budget_gpu_seconds)
+        yield from _goodput_families(jobs)
+
+
+GOODPUT_CATEGORIES = {  # label value -> status.cost.goodput field ("other" is not monotone: worker - sum)
+    "productive": "productiveSeconds",
+    "startup": "startupSeconds",
+    "checkpoint_blocked": "checkpointBlockedSeconds",
+    "lost_to_preemption": "lostToPreemptionSeconds",
+}
+
+
+def _goodput_families(jobs: dict[tuple[str, str], tuple[dict[str, Any], JobInfo]]) -> Iterator[Metric]:
+    """Worker time, CPU time, goodput by category, pending time, tokens (counters from status.cost)."""
+    worker = CounterMetricFamily(
+        "kubetune_job_worker_seconds",
+        "Paid worker container-seconds of the job, all workers and attempts.",
+        labels=JOB_LABELS,
+    )
+    cpu = CounterMetricFamily(
+        "kubetune_job_cpu_core_seconds",
+        "Requested CPU cores times the job's worker container time.",
+        labels=JOB_LABELS,
+    )
+    goodput = CounterMetricFamily(
+        "kubetune_job_goodput_seconds",
+        "Worker-seconds of the job's paid time by goodput category (worker_seconds minus their sum: other).",
+        labels=[*JOB_LABELS, "category"],
+    )
+    pending = CounterMetricFamily(
+        "kubetune_job_pending_seconds",
+        "Worker pods' creation to container start (scheduling, provisioning, image pull), summed over pods.",
+        labels=JOB_LABELS,
+    )
+    tokens = CounterMetricFamily(
+        "kubetune_job_tokens", "Tokens the job trained (steps trained twice count once).", labels=JOB_LABELS
+    )
+    ratio = GaugeMetricFamily(
+        "kubetune_job_goodput_ratio", "Productive share of the job's paid worker time (0-1).", labels=JOB_LABELS
+    )
+    for (ns, name), (st, _) in sorted(jobs.items()):
+        key = [ns, name]
+        cost = st.get("cost") or {}
+        g = cost.get("goodput") or {}
+        worker_seconds = _float(cost.get("workerSeconds"))
+        worker.add_metric(key, worker_seconds)
+        cpu.add_metric(key, _float(cost.get("cpuCoreHours")) * SECONDS_PER_HOUR)
+        for category, field in GOODPUT_CATEGORIES.items():
+            goodput.add_metric([*key, category], _float(g.get(field)))
+        pending.add_metric(key, _float(g.get("pendingSeconds")))
+        tokens.add_metric(key, _float(cost.get("tokens")))
+        if worker_seconds > 0:
+            ratio.add_metric(key, _float(g.get("ratio")))
+    yield from (worker, cpu, goodput, pending, tokens, ratio)
 
 
 def _progress_ratio(status: dict[str, Any]) -> float | None:

@@ -127,6 +127,7 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         unschedulable=unschedulable,
         waiting_reason=waiting_reason,
         waiting_message=waiting_message,
+        created_at=parse_time(meta.get("creationTimestamp")),
         started_at=started_at,
         finished_at=finished_at,
     )

@@ -138,7 +138,9 @@ def worker_pod(
     rank: int,
     master_addr: str,
     on_demand: bool = False,
+    job_cost: str | None = None,
 ) -> dict[str, Any]:
+    """One worker pod; `job_cost`: the earlier attempts' goodput and cost (JSON, KUBETUNE_JOB_COST)."""
     meta = job["metadata"]
     name = meta["name"]
     res = spec.resources
@@ -165,6 +167,8 @@ def worker_pod(
         {"name": envvars.WORK_DIR, "value": layout.SCRATCH_WORK_DIR},
         {"name": envvars.TMPDIR, "value": layout.SCRATCH_DIR},
     ]
+    if job_cost is not None:
+        env.append({"name": envvars.JOB_COST, "value": job_cost})
     secret = spec.s3.credentials_secret
     if secret:
         for env_name, key in (

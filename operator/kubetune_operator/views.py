@@ -34,6 +34,7 @@ class PodView:
     unschedulable: str | None = None  # PodScheduled=False message
     waiting_reason: str | None = None
     waiting_message: str | None = None
+    created_at: dt.datetime | None = None  # the pod's creation (pending time runs from here)
     started_at: dt.datetime | None = None  # the trainer container's start (cost accrues from here)
     finished_at: dt.datetime | None = None  # ... and its end
 

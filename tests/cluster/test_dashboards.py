@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 
-from kubetune_contract.progress import ProgressRecord
 from kubetune_dev.jobs import job_manifest
 from kubetune_dev.prometheus import PrometheusServer
 from kubetune_operator import dashboards
 from tests.fixtures.control_plane import wait_for
 
 from .jobs import Jobs
-from .test_metrics import RUN_SECONDS, finish_keeping_start
+from .test_metrics import FINAL, RUN_SECONDS, finish_keeping_start
 from .test_operator import evict, phase, running_pod, s3_port  # noqa: F401  (s3_port: a fixture)
 
 pytestmark = pytest.mark.cluster
@@ -74,7 +73,7 @@ def test_every_dashboard_panel_queries_the_scraped_operator(jobs, s3_port, fake_
     evict(jobs, f"{name}-a0-w0")
     running_pod(jobs, name, attempt=1)
     time.sleep(RUN_SECONDS)
-    finish_keeping_start(jobs, f"{name}-a1-w0", ProgressRecord(phase="done", step=120, total_steps=120))
+    finish_keeping_start(jobs, f"{name}-a1-w0", FINAL)
     wait_for(lambda: phase(jobs, name) == "Succeeded", what="Succeeded after a preemption")
     cost = jobs.status(name)["cost"]
     usd_sel = f'kubetune_job_cost_usd_total{{job_namespace="{ns}",finetunejob="{name}"}}'
@@ -136,6 +135,25 @@ def test_every_dashboard_panel_queries_the_scraped_operator(jobs, s3_port, fake_
     assert now("cost", "Preemptions in the time range") >= 1  # increase() extrapolates a little
     assert now("cost", "Spent in the time range") > 0
     assert now("utilization", "Progress") == 1
+    g = cost["goodput"]
+    breakdown = {
+        s["metric"]["category"]: float(s["value"][1]) for s in results["utilization", "Goodput breakdown", "A"]
+    }
+    assert breakdown == {
+        "productive": g["productiveSeconds"],
+        "startup": g["startupSeconds"],
+        "checkpoint_blocked": g["checkpointBlockedSeconds"],
+        "lost_to_preemption": g["lostToPreemptionSeconds"],
+    }
+    assert now("utilization", "Goodput breakdown", "B") == pytest.approx(g["otherSeconds"], abs=0.01)
+    assert now("utilization", "Goodput breakdown", "C") == pytest.approx(g["pendingSeconds"], abs=0.001)
+    assert now("utilization", "Goodput ratio") == pytest.approx(g["ratio"], abs=1e-4)
+    lost_usd = now("cost", "USD lost to preemption")
+    assert lost_usd == pytest.approx(float(g["lostToPreemptionUsd"]), abs=2e-6) and lost_usd > 0
+    assert now("cost", "Goodput USD") == pytest.approx(float(g["productiveUsd"]), abs=2e-6)
+    assert now("cost", "Goodput USD", "B") == pytest.approx(usd, abs=1e-4)
+    assert now("cost", "USD per 1M tokens") == pytest.approx(float(cost["usdPerMillionTokens"]), abs=1e-3)
+    assert now("cost", "CPU core-hours per job") == pytest.approx(cost["cpuCoreHours"], abs=1e-5)
     assert now("utilization", "ETA") == 0
     phases = {s["metric"]["phase"]: float(s["value"][1]) for s in results["utilization", "Jobs by phase", "A"]}
     assert phases["Succeeded"] >= 1 and "Running" in phases

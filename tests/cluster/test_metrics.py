@@ -1,6 +1,7 @@
 """The operator's metrics as a real Prometheus scrapes them: a GPU job on a (kwok) spot node is
 evicted once, resumes and succeeds, and PromQL over the scraped series agrees with the job's
-status: one preemption, the GPU-seconds and dollars of status.cost, the info series joining."""
+status: one preemption, the GPU-seconds, worker time, goodput and dollars of status.cost, the info
+series joining."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from kubetune_contract.progress import ProgressRecord
 from kubetune_dev.jobs import job_manifest
+from kubetune_operator.metrics import GOODPUT_CATEGORIES
 from tests.fixtures.control_plane import wait_for
 
 from .jobs import Jobs
@@ -17,6 +19,18 @@ from .test_operator import evict, finish_pod, phase, running_pod, s3_port  # noq
 
 pytestmark = pytest.mark.cluster
 RUN_SECONDS = 4  # how long the resumed pod "trains" before it exits
+# What the resumed trainer says at exit: its goodput facts (the evicted attempt sent none: kwok's
+# pods answer no /progress) and the tokens trained.
+FINAL = ProgressRecord(
+    phase="done",
+    step=120,
+    total_steps=120,
+    tokens_seen=12_000,
+    startup_seconds=1.0,
+    productive_seconds=2.0,
+    checkpoint_blocked_seconds=0.25,
+    recomputed_seconds=0.0,
+)
 
 
 @pytest.fixture
@@ -59,7 +73,7 @@ def test_prometheus_sees_the_cost_and_preemption_of_a_job(jobs, s3_port, fake_no
     assert series["metric"]["job"] == "kubetune-operator"  # the target's own label, not overwritten
 
     time.sleep(RUN_SECONDS)
-    finish_keeping_start(jobs, f"{name}-a1-w0", ProgressRecord(phase="done", step=120, total_steps=120))
+    finish_keeping_start(jobs, f"{name}-a1-w0", FINAL)
     wait_for(lambda: phase(jobs, name) == "Succeeded", what="Succeeded after a preemption")
     cost = jobs.status(name)["cost"]
 
@@ -87,6 +101,31 @@ def test_prometheus_sees_the_cost_and_preemption_of_a_job(jobs, s3_port, fake_no
     assert would_be == pytest.approx(float(cost["onDemandUsd"]), abs=1e-4)
     assert would_be > usd > 0  # spot savings: L4 spot vs on-demand prices
     assert prom.value(f"kubetune_job_progress_ratio{{{sel}}}") == 1
+
+    # Goodput: the counters are status.cost's; the resumed attempt's start-up was lost to the preemption.
+    g = cost["goodput"]
+    assert g["lostToPreemptionSeconds"] == 1.0 and g["startupSeconds"] == 0  # (attempt 0 reported nothing)
+    assert g["productiveSeconds"] == 2.0 and g["checkpointBlockedSeconds"] == 0.25
+    worker = prom.value(f"kubetune_job_worker_seconds_total{{{sel}}}")
+    assert worker == pytest.approx(cost["workerSeconds"], abs=0.01) and worker >= RUN_SECONDS - 1
+    assert total == pytest.approx(2 * worker, abs=0.01)  # two GPUs per worker
+    assert prom.value(f"kubetune_job_cpu_core_seconds_total{{{sel}}}") == pytest.approx(
+        cost["cpuCoreHours"] * 3600, abs=0.02
+    )
+    for category, field in GOODPUT_CATEGORIES.items():
+        scraped = prom.value(f'kubetune_job_goodput_seconds_total{{{sel},category="{category}"}}')
+        assert scraped == pytest.approx(g[field], abs=0.001), category
+    assert prom.value(f"kubetune_job_pending_seconds_total{{{sel}}}") == pytest.approx(g["pendingSeconds"], abs=0.001)
+    assert prom.value(f"kubetune_job_tokens_total{{{sel}}}") == cost["tokens"] == 12_000
+    assert prom.value(f"kubetune_job_goodput_ratio{{{sel}}}") == pytest.approx(g["ratio"], abs=1e-4)
+    assert g["ratio"] == pytest.approx(2.0 / cost["workerSeconds"], abs=1e-4)
+    assert g["otherSeconds"] == pytest.approx(cost["workerSeconds"] - 3.25, abs=0.01)
+    lost_usd = prom.value(
+        f'sum(kubetune_job_goodput_seconds_total{{{sel},category="lost_to_preemption"}}) '
+        f"* sum(kubetune_job_cost_usd_total{{{sel}}}) / sum(kubetune_job_worker_seconds_total{{{sel}}})"
+    )
+    assert lost_usd == pytest.approx(float(g["lostToPreemptionUsd"]), abs=2e-6) and lost_usd > 0
+    assert float(cost["usdPerMillionTokens"]) == pytest.approx(float(cost["estimatedUsd"]) / 12_000 * 1e6, abs=1e-3)
     assert prom.value(f"kubetune_job_eta_seconds{{{sel}}}") == 0
 
     # The info series join the job's series to its spec facts.

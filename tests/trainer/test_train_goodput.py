@@ -10,6 +10,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetune_contract import envvars
+from kubetune_contract.jobcost import GoodputSeconds, JobCostSoFar
 from kubetune_contract.progress import ExitCode, ProgressRecord
 from kubetune_dev.prometheus import promtool_check_metrics
 from kubetune_dev.tiny_model import instruction_records, write_jsonl
@@ -19,6 +21,18 @@ from tests.fixtures.tiny_model import events, start_trainer, wait_for_event
 pytestmark = pytest.mark.s3
 
 TOTAL = 14
+PRIOR = JobCostSoFar(  # what the operator would say of attempt 1 after a preemption
+    attempt=1,
+    workers=1,
+    after_preemption=True,
+    usd_per_worker_hour=3.6,
+    worker_seconds=100.0,
+    estimated_usd=0.1,
+    tokens=10,
+    goodput=GoodputSeconds(
+        productive_seconds=50.0, startup_seconds=10.0, checkpoint_blocked_seconds=1.0, pending_seconds=4.0
+    ),
+)
 
 
 def scrape(port: int) -> str:
@@ -89,9 +103,12 @@ def test_goodput_facts_across_a_kill_and_resume(tmp_path, minio, tiny_model_dir)
     durable = max(e["step"] for e in events(log1, "checkpoint_durable"))
     assert durable < reached, (durable, reached)
 
-    # attempt 2: resumes from the older checkpoint and trains to the end
+    # attempt 2: resumes from the older checkpoint and trains to the end; the operator told it
+    # the first attempt's totals (KUBETUNE_JOB_COST), for the model card
     log2 = tmp_path / "a2.log"
-    a2 = start_trainer(trainer_env(tmp_path / "a2", cfg, minio.env(), KUBETUNE_STEP_DELAY_SECONDS=0.1), log2)
+    env2 = trainer_env(tmp_path / "a2", cfg, minio.env(), KUBETUNE_STEP_DELAY_SECONDS=0.1)
+    env2[envvars.JOB_COST] = PRIOR.model_dump_json(by_alias=True)
+    a2 = start_trainer(env2, log2)
     text, v = scrape_until(a2, log2, lambda v: v.get("kubetune_trainer_step", 0) >= reached + 1)
     assert events(log2, "resumed")[0]["step"] == durable
     assert v["kubetune_trainer_recomputed_steps_total"] == reached - durable
@@ -103,7 +120,27 @@ def test_goodput_facts_across_a_kill_and_resume(tmp_path, minio, tiny_model_dir)
     assert rec.startup_seconds and rec.startup_seconds > 0
     assert rec.checkpoint_blocked_seconds and rec.checkpoint_blocked_seconds > 0  # step 8 and 12 were saved
     assert rec.mfu is None
+    assert rec.recomputed_seconds and rec.recomputed_seconds >= 0.1 * (reached - durable)  # (the step delay)
     assert highwater(client, bucket) == TOTAL
+
+    # The model card: the job's goodput and cost as of the export, the earlier attempt's included.
+    card = json.loads(client.get_object(Bucket=bucket, Key="output/ns/gp/model_card.json")["Body"].read())
+    g, cost = card["goodput"], card["cost"]
+    assert g["as_of"] == cost["as_of"] == "export" and cost["attempts"] == 2
+    assert g["productive_seconds"] == pytest.approx(50 + rec.productive_seconds, abs=0.01)
+    assert g["startup_seconds"] == 10  # this attempt followed a preemption: its start-up is lost, below
+    assert g["lost_to_preemption_seconds"] == pytest.approx(rec.startup_seconds + rec.recomputed_seconds, abs=0.01)
+    assert g["checkpoint_blocked_seconds"] == pytest.approx(1 + rec.checkpoint_blocked_seconds, abs=0.01)
+    assert g["pending_seconds"] == 4
+    own = cost["worker_seconds"] - 100
+    assert rec.startup_seconds + rec.productive_seconds < own < time.monotonic() - t0
+    assert cost["estimated_usd"] == pytest.approx(0.1 + own / 3600 * 3.6, abs=1e-5)
+    assert g["productive_usd"] == pytest.approx(
+        g["productive_seconds"] * cost["estimated_usd"] / cost["worker_seconds"]
+    )
+    assert 0 < g["ratio"] < 1 and g["other_seconds"] >= 0
+    assert cost["tokens"] == card["tokens_seen"] > 0
+    assert cost["usd_per_million_tokens"] == pytest.approx(cost["estimated_usd"] / cost["tokens"] * 1e6, rel=1e-3)
 
 
 class Clock:

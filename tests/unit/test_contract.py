@@ -29,10 +29,11 @@ def test_render_sets_only_contract_env_vars(workers: int, secret: bool) -> None:
         overrides["s3"] = {"endpoint": "http://10.0.0.1:9000", "credentialsSecret": {"name": "s3-creds"}}
     j, spec = _job(**overrides)
     for rank in range(workers):
-        pod = render.worker_pod(j, spec, Settings(), 0, rank, "10.1.2.3")
+        pod = render.worker_pod(j, spec, Settings(), 0, rank, "10.1.2.3", job_cost='{"attempt": 0}')
         names = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
         assert names, "the trainer container has no environment"
         assert names <= envvars.OPERATOR_SET, f"not contract constants: {sorted(names - envvars.OPERATOR_SET)}"
+        assert envvars.JOB_COST in names
         if secret:
             assert {envvars.S3_ACCESS_KEY, envvars.S3_SECRET_KEY} <= names
 

@@ -37,8 +37,12 @@ def test_accrual_is_incremental_and_idempotent():
         "estimatedUsd": "0.0000",
         "onDemandUsd": "0.0000",
         "accruedUntil": "2026-11-22T12:00:00Z",
+        "workerSeconds": 0.0,
+        "cpuCoreHours": 0.0,
+        "goodput": {"pendingSeconds": 0.0},
     }
     cost = accrue(cost, pods, nodes, res, lambda node, r: 3.0, T0 + dt.timedelta(minutes=30))
+    assert cost["workerSeconds"] == 3600 and cost["cpuCoreHours"] == 2.0  # two workers x 30 min x 2 cores
     assert cost["gpuHours"] == 1.0 and cost["spotGpuHours"] == 0.5 and cost["onDemandGpuHours"] == 0.5
     assert cost["estimatedUsd"] == "3.0000"
     assert accrue(cost, pods, nodes, res, lambda node, r: 3.0, T0 + dt.timedelta(minutes=30)) == cost

@@ -105,7 +105,11 @@ def test_every_panel_and_target_queries_the_datasource_variable_with_a_unit_and_
             assert p["targets"] and all(t["datasource"] == p["datasource"] for t in p["targets"]), p["title"]
             assert 0 <= p["gridPos"]["x"] and p["gridPos"]["x"] + p["gridPos"]["w"] <= 24
     titles = {name: [p["title"] for p in dashboards.panels(b)] for name, b in BOARDS.items()}
-    assert len(titles["utilization"]) >= 15 and len(titles["cost"]) >= 14
+    assert len(titles["utilization"]) >= 18 and len(titles["cost"]) >= 18
+    assert {"MFU", "Goodput breakdown", "Goodput ratio"} <= set(titles["utilization"])
+    assert {"USD lost to preemption", "Goodput USD", "USD per 1M tokens", "CPU core-hours per job"} <= set(
+        titles["cost"]
+    )
 
 
 def test_every_job_series_is_filtered_by_the_job_variables():
@@ -207,6 +211,36 @@ def test_panels_join_dcgm_opencost_and_trainer_series_to_jobs(tmp_path):
             finetunejob="a",
             capacity_type="spot",
         ),  # fmt: skip
+        # job a's goodput (operator counters): 100 worker-seconds for 0.5 USD, 1,000 tokens; job b: no
+        # worker time yet (its prices stay absent: no division by zero)
+        *(
+            _series(metric, f"{value}x40", **OPERATOR, job_namespace="ml", finetunejob=job)
+            for job, metric, value in (
+                ("a", "kubetune_job_worker_seconds_total", 100),
+                ("a", "kubetune_job_cost_usd_total", 0.5),
+                ("a", "kubetune_job_tokens_total", 1000),
+                ("b", "kubetune_job_worker_seconds_total", 0),
+                ("b", "kubetune_job_cost_usd_total", 0),
+                ("b", "kubetune_job_tokens_total", 0),
+            )
+        ),
+        *(
+            _series(
+                "kubetune_job_goodput_seconds_total",
+                f"{value}x40",
+                **OPERATOR,
+                job_namespace="ml",
+                finetunejob=job,
+                category=category,
+            )
+            for job, category, value in (
+                ("a", "productive", 60),
+                ("a", "startup", 10),
+                ("a", "checkpoint_blocked", 5),
+                ("a", "lost_to_preemption", 15),
+                ("b", "lost_to_preemption", 0),
+            )
+        ),
         _series("kubetune_trainer_step", "0+15x40", job="trainers", **a1),
         _series("kubetune_trainer_gpu_utilization_ratio", "0.5x40", job="trainers", gpu="0", **a1),
         _series("kubetune_trainer_gpu_memory_used_bytes", "6e9x40", job="trainers", gpu="0", **a1),
@@ -231,7 +265,11 @@ def test_panels_join_dcgm_opencost_and_trainer_series_to_jobs(tmp_path):
         ],
         # 2 GPUs at the mean price of a's nodes, (2.5 + 1.5) / 2 USD per GPU-hour
         ("cost", "OpenCost vs kubetune, USD per hour"): [_sample(4, **a)],
+        ("cost", "USD lost to preemption"): [_sample(0.075, **a)],  # 15 s at 0.005 USD/s
+        ("cost", "Goodput USD"): [_sample(0.3, **a)],
+        ("cost", "USD per 1M tokens"): [_sample(500, **a)],
     }
+    other = f"round({expr('utilization', 'Goodput breakdown', 'B')}, 0.001)"  # 100 - 60 - 10 - 5 - 15
     tests = [
         {
             "name": "dashboard joins",
@@ -242,6 +280,7 @@ def test_panels_join_dcgm_opencost_and_trainer_series_to_jobs(tmp_path):
                 {"expr": f"round({expr(board, title)}, 0.001)", "eval_time": "5m", "exp_samples": samples}
                 for (board, title), samples in cases.items()
             ]
+            + [{"expr": other, "eval_time": "5m", "exp_samples": [_sample(10, **a), _sample(0, **b)]}]
             + [  # one job selected: the other's series stay out
                 {
                     "expr": expr("utilization", "GPU utilization per job (DCGM)", finetunejob="b"),

@@ -27,12 +27,14 @@ def test_steps_up_to_the_highest_step_reached_are_recomputed_not_productive():
     g.checkpoint_blocked(0.25)
     v = values(m)
     assert v["kubetune_trainer_recomputed_steps_total"] == 3  # 5, 6, 7
+    assert v["kubetune_trainer_recomputed_seconds_total"] == 1.5
     assert v["kubetune_trainer_productive_seconds_total"] == 1.5  # 8, 9, 10
     assert v["kubetune_trainer_step_seconds_count"] == 6 and v["kubetune_trainer_step_seconds_sum"] == 3.0
     assert v["kubetune_trainer_startup_seconds"] == 12.5
     assert v["kubetune_trainer_checkpoint_blocked_seconds_total"] == 0.25
     rec = ProgressRecord.model_validate({"phase": "training", **g.progress_fields()})
     assert (rec.recomputed_steps, rec.productive_seconds, rec.startup_seconds) == (3, 1.5, 12.5)
+    assert rec.recomputed_seconds == 1.5
     assert "recomputedSteps" in json.dumps(rec.to_json_dict())  # by alias, like every field
 
 

@@ -32,6 +32,21 @@ RUNNING = {
         "estimatedUsd": "2.8000",
         "onDemandUsd": "4.0500",
         "accruedUntil": "2026-11-22T12:00:00Z",
+        "workerSeconds": 5400.0,
+        "cpuCoreHours": 3.0,
+        "tokens": 1_200_000,
+        "usdPerMillionTokens": "2.3333",
+        "goodput": {
+            "productiveSeconds": 4000.0,
+            "startupSeconds": 300.0,
+            "checkpointBlockedSeconds": 100.0,
+            "lostToPreemptionSeconds": 600.0,
+            "otherSeconds": 400.0,
+            "pendingSeconds": 45.0,
+            "ratio": 0.7407,
+            "productiveUsd": "2.074074",
+            "lostToPreemptionUsd": "0.311111",
+        },
     },
     "workers": [
         {"name": "a-a1-w0", "rank": 0, "attempt": 1, "phase": "Running", "node": "n1", "capacityType": "spot"},
@@ -99,6 +114,12 @@ def test_per_job_series_come_from_status_in_base_units(metrics):
     assert value("kubetune_job_cost_usd_total") == 2.8 and value("kubetune_job_on_demand_cost_usd_total") == 4.05
     assert value("kubetune_job_preemptions_total") == 1 and value("kubetune_job_restarts_total") == 0
     assert value("kubetune_job_progress_ratio") == 0.25 and value("kubetune_job_eta_seconds") == 900
+    assert value("kubetune_job_worker_seconds_total") == 5400 and value("kubetune_job_cpu_core_seconds_total") == 10800
+    goodput = {lab["category"]: v for lab, v in s["kubetune_job_goodput_seconds_total"] if lab["finetunejob"] == "a"}
+    assert goodput == {"productive": 4000, "startup": 300, "checkpoint_blocked": 100, "lost_to_preemption": 600}
+    assert value("kubetune_job_pending_seconds_total") == 45 and value("kubetune_job_tokens_total") == 1_200_000
+    assert value("kubetune_job_goodput_ratio") == 0.7407  # and absent for jobs without worker time:
+    assert [lab["finetunejob"] for lab, _ in s["kubetune_job_goodput_ratio"]] == ["a"]
     assert value("kubetune_job_budget_usd") == 3.5  # and absent for the jobs without a budget:
     assert [lab["finetunejob"] for lab, _ in s["kubetune_job_budget_usd"]] == ["a"]
     assert "kubetune_job_budget_gpu_seconds" not in s

@@ -36,6 +36,8 @@ class RunFacts:
     gpu_seconds: float  # all attempts
     resumed_from_step: int | None
     attempt: int | None
+    goodput: Any = None  # goodput.Goodput of this attempt: the card's goodput and cost sections
+    job_cost: str | None = None  # KUBETUNE_JOB_COST: the earlier attempts' totals
 
 
 def output_uri(cfg: TrainerConfig) -> str:
@@ -82,7 +84,16 @@ def model_card(cfg: TrainerConfig, facts: RunFacts) -> dict:
         "job": {"namespace": cfg.job.namespace, "name": cfg.job.name, "uid": cfg.job.uid, "attempt": facts.attempt},
         "trainer_version": trainer_version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **_job_card(facts),
     }
+
+
+def _job_card(facts: RunFacts) -> dict:
+    if facts.goodput is None:
+        return {}
+    from .goodput import job_card
+
+    return job_card(facts.job_cost, facts.goodput, facts.state.tokens_seen)
 
 
 def _gathered_state_dict(cfg: TrainerConfig, parts: TrainingParts, rank0: bool) -> dict | None:

@@ -2,9 +2,9 @@
 
 - productive seconds: wall time inside optimizer steps that advanced the global step past the
   highest step any attempt had reached (first-time progress);
-- recomputed steps: steps trained again because the attempt resumed from a checkpoint older
-  than that highest step (a kill without SIGTERM, a node lost: the steps after the last
-  checkpoint are done twice);
+- recomputed steps (and their wall time, recomputed seconds): steps trained again because the
+  attempt resumed from a checkpoint older than that highest step (a kill without SIGTERM, a node
+  lost: the steps after the last checkpoint are done twice);
 - startup seconds: process start to the first step (S3 checks, model and data loading, restore);
 - checkpoint-blocked seconds: training time spent in checkpoint saves (local write + staging).
 
@@ -122,6 +122,7 @@ class Goodput:
         self.highest_before = 0  # the highest step an earlier attempt reached
         self.productive_seconds = 0.0
         self.recomputed_steps = 0
+        self.recomputed_seconds = 0.0
         self.startup_seconds: float | None = None
         self.checkpoint_blocked_seconds = 0.0
         self.highwater: HighWaterMark | None = None  # rank 0 only
@@ -155,7 +156,9 @@ class Goodput:
         m = self.metrics
         if step <= self.highest_before:
             self.recomputed_steps += 1
+            self.recomputed_seconds += seconds
             m.safe(lambda: m.recomputed_steps.inc())
+            m.safe(lambda: m.recomputed_seconds.inc(seconds))
         else:
             self.productive_seconds += seconds
             m.safe(lambda: m.productive_seconds.inc(seconds))
@@ -173,8 +176,63 @@ class Goodput:
         out: dict[str, Any] = {
             "productive_seconds": round(self.productive_seconds, 3),
             "recomputed_steps": self.recomputed_steps,
+            "recomputed_seconds": round(self.recomputed_seconds, 3),
             "checkpoint_blocked_seconds": round(self.checkpoint_blocked_seconds, 3),
         }
         if self.startup_seconds is not None:
             out["startup_seconds"] = round(self.startup_seconds, 3)
         return out
+
+
+def job_card(job_cost: str | None, goodput: Goodput, tokens: int, now: float | None = None) -> dict[str, Any]:
+    """The model card's `goodput` and `cost` sections: the job's totals as of the export, i.e. the
+    earlier attempts' (KUBETUNE_JOB_COST, from the operator's status.cost when this pod was created)
+    plus this attempt up to now (rank 0's facts times the workers; its worker time from process
+    start, priced at the operator's USD per worker-hour). Without the variable (outside a pod):
+    this attempt alone, and no USD."""
+    from kubetune_contract.jobcost import JobCostSoFar
+
+    prior = JobCostSoFar()
+    if job_cost:
+        try:
+            prior = JobCostSoFar.model_validate_json(job_cost)
+        except ValueError as e:
+            logs.log("job_cost_unreadable", "warning", error=str(e)[:300])
+    w = prior.workers
+    own = max(0.0, (now if now is not None else time.monotonic()) - goodput.started) * w
+    startup = (goodput.startup_seconds or 0.0) * w
+    g = prior.goodput
+    seconds = {
+        "productive_seconds": g.productive_seconds + goodput.productive_seconds * w,
+        "startup_seconds": g.startup_seconds + (0.0 if prior.after_preemption else startup),
+        "checkpoint_blocked_seconds": g.checkpoint_blocked_seconds + goodput.checkpoint_blocked_seconds * w,
+        "lost_to_preemption_seconds": g.lost_to_preemption_seconds
+        + goodput.recomputed_seconds * w
+        + (startup if prior.after_preemption else 0.0),
+    }
+    worker = prior.worker_seconds + own
+    priced = prior.usd_per_worker_hour is not None
+    usd = prior.estimated_usd + own / 3600 * (prior.usd_per_worker_hour or 0.0) if priced else None
+    per_second = usd / worker if usd is not None and worker > 0 else None
+    tokens = max(tokens, prior.tokens)
+    out_goodput: dict[str, Any] = {
+        "as_of": "export",
+        **{k: round(v, 3) for k, v in seconds.items()},
+        "other_seconds": round(max(0.0, worker - sum(seconds.values())), 3),
+        "pending_seconds": round(g.pending_seconds, 3),
+        "ratio": round(min(1.0, seconds["productive_seconds"] / worker), 4) if worker > 0 else 0.0,
+        "productive_usd": None if per_second is None else round(seconds["productive_seconds"] * per_second, 6),
+        "lost_to_preemption_usd": None
+        if per_second is None
+        else round(seconds["lost_to_preemption_seconds"] * per_second, 6),
+    }
+    cost = {
+        "as_of": "export",
+        "attempts": prior.attempt + 1,
+        "worker_seconds": round(worker, 3),
+        "estimated_usd": None if usd is None else round(usd, 6),
+        "tokens": tokens,
+        "usd_per_million_tokens": round(usd / tokens * 1e6, 4) if usd is not None and tokens else None,
+        "note": "as of export: the operator's status.cost also counts the upload and exit after it",
+    }
+    return {"goodput": out_goodput, "cost": cost}

@@ -126,6 +126,11 @@ class TrainerMetrics:
             "Optimizer steps trained again after resuming from a checkpoint older than the highest step reached",
             registry=r,
         )
+        self.recomputed_seconds = Counter(
+            "kubetune_trainer_recomputed_seconds",
+            "Wall time of the optimizer steps trained again (see kubetune_trainer_recomputed_steps)",
+            registry=r,
+        )
         self.checkpoint_blocked_seconds = Counter(
             "kubetune_trainer_checkpoint_blocked_seconds",
             "Training time spent in checkpoint saves (local write and staging)",

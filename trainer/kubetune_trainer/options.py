@@ -46,6 +46,9 @@ class TrainerOptions:
     peak_flops: float | None = None
     """Dense bf16/fp16 peak FLOP/s of one GPU, for MFU (KUBETUNE_PEAK_FLOPS); None: looked up by the
     GPU's name (mfu.PEAK_FLOPS); MFU is absent when neither knows."""
+    job_cost: str | None = None
+    """The earlier attempts' goodput and cost (KUBETUNE_JOB_COST, JSON: kubetune_contract.jobcost),
+    for the model card; parsed there (a malformed value only leaves the card without them)."""
     step_delay_seconds: float = 0.0
     """Test/demo only (KUBETUNE_STEP_DELAY_SECONDS): sleep after each optimizer step so a
     preemption can be injected mid-run. Reachable from a pod's env (spec.pod.env), never set by
@@ -84,6 +87,7 @@ class TrainerOptions:
             shutdown_upload_timeout_seconds=_float(environ, envvars.SHUTDOWN_UPLOAD_TIMEOUT, 600.0),
             step_delay_seconds=_float(environ, envvars.STEP_DELAY_SECONDS, 0.0),
             peak_flops=_float(environ, envvars.PEAK_FLOPS, 0.0) or None,
+            job_cost=environ.get(envvars.JOB_COST) or None,
         )
 
 

@@ -443,6 +443,8 @@ class Run:
             gpu_seconds=self.gpu_seconds(),
             resumed_from_step=self.resumed_from,
             attempt=self.opts.attempt,
+            goodput=self.goodput,
+            job_cost=self.opts.job_cost,
         )
 
     def _export(self) -> ExitCode:
