@@ -37,6 +37,7 @@ from . import prepare as P
 from . import state as S
 from .checkpointing import Checkpointing
 from .errors import UserError
+from .gpu import use_cuda
 from .options import TrainerOptions
 from .signals import Preempted, StopFlag
 from .state import TrainingParts, TrainState
@@ -136,7 +137,7 @@ class Run:
         self.work.mkdir(parents=True, exist_ok=True)
         self.dist = D.start(
             self.opts.dist,
-            cuda=M.cuda_available(self.opts.force_cpu),
+            cuda=use_cuda(cfg.gpus_per_worker, self.opts.force_cpu),
             timeout_seconds=self.opts.dist_timeout_seconds,
             deepspeed=cfg.training.deepspeed != "none",
         )
