@@ -168,6 +168,29 @@ class FineTuneJobSpec(SpecModel):
                     "fieldPath": ".training.deepspeed",
                 },
                 {
+                    # The trainer loads the 4-bit base whole on each GPU (a per-GPU device_map, no
+                    # zero.Init): ZeRO-3 cannot partition bitsandbytes' packed weights that way.
+                    "rule": "self.method != 'qlora' || !has(self.training.deepspeed) || "
+                    "!self.training.deepspeed.startsWith('zero3')",
+                    "message": "method qlora cannot use training.deepspeed zero3/zero3-offload: ZeRO-3 partitions "
+                    "parameters and this trainer loads the 4-bit base whole on each GPU; use zero2 (it shards the "
+                    "adapters' gradients and optimizer state), or method lora with zero3",
+                    "fieldPath": ".training.deepspeed",
+                },
+                {
+                    "rule": "!has(self.training.precision) || self.training.precision != 'fp16' || "
+                    "(has(self.resources) && self.resources.gpus > 0)",
+                    "message": "training.precision fp16 needs resources.gpus > 0 (CPUs train in fp32 or bf16)",
+                    "fieldPath": ".training.precision",
+                },
+                {
+                    "rule": "!has(self.training.evalSteps) || has(self.dataset.validationUri) || "
+                    "(has(self.dataset.validationSplit) && self.dataset.validationSplit > 0.0)",
+                    "message": "training.evalSteps needs validation data: set dataset.validationSplit > 0 or "
+                    "dataset.validationUri",
+                    "fieldPath": ".training.evalSteps",
+                },
+                {
                     "rule": "has(self.training.maxSteps) || has(self.training.epochs)",
                     "message": "set training.maxSteps or training.epochs",
                     "fieldPath": ".training",

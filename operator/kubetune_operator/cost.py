@@ -35,6 +35,18 @@ def price_per_hour(settings: Settings, node: NodeView | None, resources: Resourc
     return cpu_cores(resources.cpu) * settings.cpu_hour_price
 
 
+def gpu_hour_prices(settings: Settings, gpu_type: str | None, policy: str) -> tuple[float, float]:
+    """(low, high) USD per GPU-hour a job of this GPU type may pay under its capacity policy: spot
+    for spot, on-demand for on-demand, spot..on-demand for spot-preferred (the estimate's range)."""
+    table = settings.gpu_prices.get(gpu_type or "default") or settings.gpu_prices["default"]
+    spot, on_demand = table.get("spot", table["on-demand"]), table["on-demand"]
+    if policy == "spot":
+        return spot, spot
+    if policy == "on-demand":
+        return on_demand, on_demand
+    return spot, on_demand
+
+
 def accrue(
     cost: dict[str, Any] | None,
     pods: Iterable[PodView],

@@ -26,6 +26,12 @@ MALFORMED = [
     ({"capacity": {"policy": "cheap"}}, 'spec.capacity.policy: Unsupported value: "cheap"'),
     ({"dataset": {"validationSplit": 0.9}}, "spec.dataset.validationSplit: Invalid value"),
     ({"training": {"deepspeed": "zero3"}}, "training.deepspeed needs resources.gpus > 0"),
+    (
+        {"method": "qlora", "resources": {"gpus": 1}, "training": {"deepspeed": "zero3-offload"}},
+        "method qlora cannot use training.deepspeed zero3/zero3-offload",
+    ),
+    ({"training": {"precision": "fp16"}}, "training.precision fp16 needs resources.gpus > 0"),
+    ({"training": {"evalSteps": 10}, "dataset": {"validationSplit": 0.0}}, "training.evalSteps needs validation data"),
     ({"resources": {"cpu": "lots"}}, "spec.resources.cpu: Invalid value"),
     ({"s3": {"endpoint": "minio:9000"}}, "spec.s3.endpoint: Invalid value"),
     (
@@ -53,6 +59,18 @@ def test_malformed_spec_is_rejected_naming_the_field(kube_api, crd, namespace, o
     assert err.value.status == 422, err.value.body
     message = json.loads(err.value.body)["message"]
     assert expected in message, message
+
+
+def test_combinations_that_can_work_are_admitted(kube_api, crd, namespace):
+    jobs = Jobs(kube_api, namespace)
+    for overrides in (
+        {"method": "qlora", "resources": {"gpus": 2}, "training": {"deepspeed": "zero2"}},
+        {"method": "lora", "resources": {"gpus": 8}, "training": {"deepspeed": "zero3"}},
+        {"training": {"evalSteps": 10}, "dataset": {"validationSplit": 0.1}},
+        {"training": {"evalSteps": 10}, "dataset": {"validationUri": "s3://bucket/val.jsonl"}},
+        {"resources": {"gpus": 1}, "training": {"precision": "fp16"}},
+    ):
+        jobs.create(job_manifest(**overrides))
 
 
 def test_unknown_field_is_rejected_with_strict_validation(kube_api, crd, namespace):

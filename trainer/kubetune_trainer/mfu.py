@@ -20,67 +20,27 @@ small model with a big vocabulary that overstates the work slightly.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune_contract.estimate import ModelShape, attention_flops_per_token, flops_per_token
+from kubetune_contract.gpus import PEAK_FLOPS, peak_flops_for
+
 from . import logs
 
-# Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU, from the vendors' datasheets.
-# First match wins: the more specific names come first. Override: KUBETUNE_PEAK_FLOPS.
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    (r"H200", 989e12),
-    (r"H100.*PCIe", 756e12),
-    (r"H100.*NVL", 835e12),
-    (r"H100", 989e12),  # SXM (HBM3)
-    (r"GH200", 989e12),
-    (r"A100", 312e12),
-    (r"L40S", 362e12),
-    (r"L4\b", 121e12),
-    # AWS's A10 variant (g5): NVIDIA publishes no sheet for it; the figure AWS partners quote is
-    # 70 TFLOPS bf16 dense, below the A10's tensor peak (its FP32 is higher).
-    (r"A10G", 70e12),
-    (r"A10\b", 125e12),
-    (r"T4\b", 65e12),  # fp16 only (no bf16)
-    (r"V100", 125e12),
-)
-
-
-def peak_flops_for(gpu_name: str | None) -> float | None:
-    """Dense bf16/fp16 peak FLOP/s of one GPU by its product name (`torch.cuda.get_device_name`,
-    NVML's name: "NVIDIA H100 80GB HBM3"); None when the name is unknown (MFU is then absent)."""
-    if not gpu_name:
-        return None
-    for pattern, peak in PEAK_FLOPS:
-        if re.search(pattern, gpu_name, flags=re.I):
-            return peak
-    return None
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    total_params: int
-    trainable_params: int
-    layers: int
-    hidden_size: int
-    seq_len: float  # mean trained sequence length (tokens)
-
-    @property
-    def frozen_params(self) -> int:
-        return max(0, self.total_params - self.trainable_params)
-
-
-def attention_flops_per_token(layers: int, hidden_size: int, seq_len: float) -> float:
-    return 12.0 * layers * hidden_size * seq_len
-
-
-def flops_per_token(shape: ModelShape, method: str) -> float:
-    """Model FLOPs to train on one token (forward + backward), see the module docstring."""
-    attn = attention_flops_per_token(shape.layers, shape.hidden_size, shape.seq_len)
-    if method == "full":
-        return 6.0 * shape.total_params + attn
-    return 4.0 * shape.frozen_params + 6.0 * shape.trainable_params + attn
+# The GPU peaks and the FLOPs formula live in the contract, so the operator's estimator counts the same FLOPs.
+__all__ = [
+    "PEAK_FLOPS",
+    "ModelShape",
+    "MfuMeter",
+    "attention_flops_per_token",
+    "flops_per_token",
+    "meter_for",
+    "mfu",
+    "peak_flops_for",
+    "shape_of",
+]
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops_per_gpu: float | None, gpus: int) -> float | None:

@@ -97,7 +97,10 @@ def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
         try:
             import bitsandbytes  # noqa: F401  (imported only for qlora; absent on CPU images)
         except Exception as e:
-            raise UserError(f"method=qlora needs bitsandbytes, which this trainer image lacks ({e})") from None
+            raise UserError(
+                f"method=qlora needs bitsandbytes, which this trainer image lacks ({e}); "
+                "build it with EXTRAS=trainer,gpu,qlora (Dockerfile.trainer)"
+            ) from None
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if precision.name in ("bf16", "fp32") else torch.float16
@@ -237,7 +240,7 @@ def build_training_parts(
         except Exception as e:
             raise UserError(
                 f"training.deepspeed={t.deepspeed} needs the deepspeed package, which this "
-                f"trainer image lacks ({e}); build it with EXTRAS=trainer,deepspeed"
+                f"trainer image lacks ({e}); build it with EXTRAS=trainer,gpu,deepspeed (Dockerfile.trainer)"
             ) from None
         export_deepspeed_env(dist.env)
         engine, opt, _, sched = deepspeed.initialize(

@@ -21,7 +21,6 @@ optimizer, scheduler, scaler, every rank's RNG and the data position: bit-exact 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -32,11 +31,12 @@ from kubetune_contract.config import TrainerConfig
 from kubetune_contract.progress import ExitCode
 
 from . import dist as D
-from . import logs
+from . import logs, step
 from . import prepare as P
 from . import state as S
 from .checkpointing import Checkpointing
 from .errors import UserError
+from .gpu import use_cuda
 from .options import TrainerOptions
 from .signals import Preempted, StopFlag
 from .state import TrainingParts, TrainState
@@ -136,7 +136,7 @@ class Run:
         self.work.mkdir(parents=True, exist_ok=True)
         self.dist = D.start(
             self.opts.dist,
-            cuda=M.cuda_available(self.opts.force_cpu),
+            cuda=use_cuda(cfg.gpus_per_worker, self.opts.force_cpu),
             timeout_seconds=self.opts.dist_timeout_seconds,
             deepspeed=cfg.training.deepspeed != "none",
         )
@@ -260,14 +260,12 @@ class Run:
 
     # -- the step loop
     def _train_loop(self) -> ExitCode:
-        import torch
-
         from . import model as M
         from .metrics import Throughput
 
         cfg, t, st, parts, dist = self.cfg, self.cfg.training, self.state, self.parts, self.dist
         batches, total_steps = self.data.batches, self.data.total_steps
-        ga, world, rank = t.gradient_accumulation_steps, dist.env.world, dist.env.rank
+        ga, rank = t.gradient_accumulation_steps, dist.env.rank
         every_steps, ckpt = cfg.checkpoints.every_steps, self.ckpt
         assert ckpt is not None
         model, engine = parts.wrapped, parts.ds_engine
@@ -279,6 +277,7 @@ class Run:
         self.set_phase("training", step=st.global_step)
         logs.rank0("training_start", step=st.global_step, total_steps=total_steps, epoch=st.epoch)
         self.goodput.training_starts()
+        first_step = st.global_step
 
         while st.global_step < total_steps:
             t_step = time.monotonic()
@@ -287,40 +286,16 @@ class Run:
             mbs = [batches.micro_batch(st.epoch, m, rank) for m in micro_ids]
             local_items = sum(s.trained_tokens for mb in mbs for s in mb)
             n_items = max(1.0, dist.all_reduce([float(local_items)])[0])
-            loss_sum = 0.0
-            tokens = samples = 0
-            for i, seqs in enumerate(mbs):
-                last = i == len(mbs) - 1
-                sync = contextlib.nullcontext()
-                if dist.distributed and engine is None and not last:
-                    sync = model.no_sync()
-                with sync:
-                    with autocast:
-                        loss = M.forward(model, seqs, n_items, dist.device, pad_id).loss.float()
-                    loss_sum += float(loss.detach()) * n_items
-                    scaled = loss * world  # DDP/DeepSpeed average gradients over ranks
-                    if engine is not None:
-                        engine.set_gradient_accumulation_boundary(last)
-                        engine.backward(scaled, scale_wrt_gas=False)
-                        engine.step()
-                    elif parts.scaler is not None:
-                        parts.scaler.scale(scaled).backward()
-                    else:
-                        scaled.backward()
-                tokens += sum(len(s) for s in seqs)
-                samples += len(seqs)
+            rng = S.rng_state(dist.cuda)  # where this step began, to drop it cleanly on a stop
+            done = step.accumulate(mbs, parts, dist, autocast, n_items, pad_id, self.stop)
+            if done is None:  # stopped before a micro-batch: drop the partial step, save the last whole one
+                step.drop_partial_step(parts, rng, dist.cuda)
+                if st.global_step == first_step:
+                    raise Preempted()  # nothing trained in this attempt: the last checkpoint stands
+                return self._preempt()
+            loss_sum, tokens, samples = done.loss_sum, done.tokens, done.samples
             if engine is None:
-                if parts.scaler is not None:
-                    parts.scaler.unscale_(parts.optimizer)
-                if t.max_grad_norm and t.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_([p for _, p in parts.trainable], t.max_grad_norm)
-                if parts.scaler is not None:
-                    parts.scaler.step(parts.optimizer)
-                    parts.scaler.update()
-                else:
-                    parts.optimizer.step()
-                parts.scheduler.step()
-                parts.optimizer.zero_grad(set_to_none=True)
+                step.optimizer_step(parts, t.max_grad_norm)
             st.micro_in_epoch = micro_ids[-1] + 1
             if st.micro_in_epoch >= mpe:
                 st.epoch += 1
@@ -343,12 +318,11 @@ class Run:
             st.highest_step = max(st.highest_step, st.global_step)
             self._after_step(step_loss, int(g[1]), thr)
 
+            if g[3] > 0:  # some rank was told to stop: save now, before any evaluation that fell due
+                return self._preempt()
             if t.eval_steps and self.data.eval_seqs and st.global_step % t.eval_steps == 0:
                 self._evaluate()
                 model.train()
-
-            if g[3] > 0:  # some rank was told to stop
-                return self._preempt()
             if (every_steps and st.global_step % every_steps == 0) or g[4] > 0:
                 if st.global_step < total_steps:
                     self._save_checkpoint("interval")
