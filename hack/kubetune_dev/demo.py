@@ -2,11 +2,14 @@
 
 1. boots the local cluster (control plane + a real kubelet/containerd node), or uses
    $KUBETUNE_KUBECONFIG (e.g. kind) when set;
-2. builds and loads the operator and trainer images, starts MinIO, `helm install`s the chart;
+2. builds and loads the operator and trainer images, starts MinIO and Prometheus (scraping the
+   operator and the trainer pods, the chart's alerts loaded; its URL printed), `helm install`s the chart;
 3. puts a tiny Llama and an instruction dataset into MinIO;
 4. applies manifests/examples/cpu-lora-tiny.yaml, shows progress live, evicts the trainer pod
    part-way (as a spot reclaim would), and follows the job to Succeeded;
-5. prints where the adapter is and how to look at the job with kubectl.
+5. prints where the adapter is, a utilization/cost summary read from Prometheus beside the job's
+   status (GPU/CPU-hours, USD, spot savings, goodput, USD lost to the preemption), and how to look
+   at the job with kubectl and Prometheus.
 
 The cluster stays up afterwards (`--down` tears it down) so you can poke at it.
 
@@ -22,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from kubetune_dev import demo_summary
 from kubetune_dev.jobs import example
 from kubetune_dev.stack import LocalStack, default_state_dir
 from kubetune_dev.versions import binary
@@ -73,6 +77,7 @@ def main() -> int:
         return 0
     print("== kubetune demo: bringing up the local cluster, images, MinIO and the operator chart", flush=True)
     stack.up()
+    print(f"== Prometheus at {stack.prometheus.url} (the operator and the trainer pods, every second)", flush=True)
     try:
         uris = stack.seed_demo_data(hidden=256, layers=4)  # big enough to watch it train for a minute
         print(f"== tiny model at {uris['model']}, data at {uris['dataset']}", flush=True)
@@ -130,12 +135,16 @@ def main() -> int:
         print(f"== adapter and model card at {out}:")
         for key in objects:
             print(f"     {key}")
+        demo_summary.wait_scraped(stack.prometheus, NAMESPACE, JOB, st)
+        print(f"== utilization and cost of {JOB}:")
+        print(demo_summary.summary(stack.prometheus, NAMESPACE, JOB, st))
         kc = stack.kubeconfig
         print("== look around:")
         print(f"     export KUBECONFIG={kc}")
         print(f"     {binary('kubectl')} get ftj {JOB}")
         print(f"     {binary('kubectl')} describe ftj {JOB}")
         print(f"     {binary('kubectl')} get events --field-selector involvedObject.name={JOB}")
+        print(f"     {stack.prometheus.url}/alerts, /targets, /graph?g0.expr=kubetune_job_cost_usd_total")
         return 0
     finally:
         print(f"== the cluster keeps running (state in {args.state_dir}); `make demo-down` stops it", flush=True)

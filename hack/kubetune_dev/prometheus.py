@@ -39,6 +39,8 @@ class PrometheusServer:
     """One Prometheus process on 127.0.0.1 scraping static targets.
 
     scrape: job name -> ["host:port", ...] (each scraped at /metrics every `scrape_interval`).
+    scrape_configs: further scrape configs as they are (service discovery, relabelings, static
+    targets with labels).
     rule_files: recording/alerting rule files to load (evaluated every `evaluation_interval`).
     """
 
@@ -46,6 +48,7 @@ class PrometheusServer:
         self,
         scrape: Mapping[str, Iterable[str]] | None = None,
         *,
+        scrape_configs: Iterable[Mapping[str, Any]] = (),
         scrape_interval: str = "1s",
         evaluation_interval: str = "1s",
         rule_files: Iterable[Path] = (),
@@ -55,6 +58,7 @@ class PrometheusServer:
         work_dir: Path | None = None,
     ) -> None:
         self.scrape = {job: list(targets) for job, targets in (scrape or {}).items()}
+        self.scrape_configs = [dict(c) for c in scrape_configs]
         self.scrape_interval = scrape_interval
         self.evaluation_interval = evaluation_interval
         self.rule_files = [Path(p) for p in rule_files]
@@ -82,7 +86,8 @@ class PrometheusServer:
             },
             "rule_files": [str(p) for p in self.rule_files],
             "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in self.scrape.items()
+                *({"job_name": job, "static_configs": [{"targets": t}]} for job, t in self.scrape.items()),
+                *self.scrape_configs,
             ],
         }
 
@@ -205,10 +210,10 @@ class PrometheusServer:
         return list(self.api("targets", state="active")["activeTargets"])
 
     def wait_for_targets(self, timeout: float = 30.0) -> None:
-        """Until every configured target has been scraped successfully once."""
+        """Until every static target of `scrape` has been scraped successfully once."""
         deadline = time.monotonic() + timeout
         while True:
-            targets = self.targets()
+            targets = [t for t in self.targets() if t["scrapePool"] in self.scrape]
             wanted = sum(len(t) for t in self.scrape.values())
             if len(targets) >= wanted and all(t["health"] == "up" for t in targets):
                 return

@@ -1,8 +1,10 @@
 """Everything `make demo` and the end-to-end tests run on: a real single-node cluster (the
 control plane from `kubetune_dev.controlplane`, a real kubelet + containerd node from
 `kubetune_dev.node`), the operator and trainer images built with buildah (hack/images.sh) and
-loaded into the node, MinIO on the host's IP (reachable from pods), and the Helm chart
-installed with the real `helm`.
+loaded into the node, MinIO on the host's IP (reachable from pods), the Helm chart installed
+with the real `helm`, and a real Prometheus on the host that discovers the operator and trainer
+pods as the chart's ServiceMonitor/PodMonitor would and evaluates the chart's alerts
+(`kubetune_dev.stack_monitoring`).
 
     python -m kubetune_dev.stack [--state-dir DIR]    # bring it up; Ctrl-C tears it down
 
@@ -27,6 +29,7 @@ from kubetune_dev import controlplane
 from kubetune_dev.host import host_ip
 from kubetune_dev.node import LocalNode
 from kubetune_dev.s3server import MinioServer
+from kubetune_dev.stack_monitoring import stack_prometheus
 from kubetune_dev.tiny_model import build_tiny_model, instruction_records, write_jsonl
 from kubetune_dev.versions import HACK, REPO, binary, cache_dir, project_version
 
@@ -54,6 +57,7 @@ class LocalStack:
     cp: controlplane.ControlPlane | None = None
     node: LocalNode | None = None
     minio: Any = None  # a MinioServer once up
+    prometheus: Any = None  # a PrometheusServer once up
     timings: dict[str, float] = field(default_factory=dict)
     _generation: int = 0
 
@@ -77,6 +81,7 @@ class LocalStack:
             self.timings["images_s"] = time.monotonic() - t1
         t1 = time.monotonic()
         self.start_minio()
+        self.start_prometheus()
         self.install_chart()
         self.timings["chart_s"] = time.monotonic() - t1
         self.timings["total_s"] = time.monotonic() - t0
@@ -123,6 +128,17 @@ class LocalStack:
         self.minio.start()
         (self.state_dir / "minio.pid").write_text(str(self.minio.proc.pid))
         log(f"MinIO at {self.minio.endpoint}")
+
+    def start_prometheus(self) -> None:
+        """Prometheus on 127.0.0.1, scraping the pods by their IPs (the host routes the pod CIDR to
+        the node's bridge) every second; a fresh TSDB per stack."""
+        assert self.kubeconfig is not None
+        work = self.state_dir / "prometheus"
+        shutil.rmtree(work, ignore_errors=True)
+        self.prometheus = stack_prometheus(RELEASE, SYSTEM_NAMESPACE, self.kubeconfig, work).start()
+        (self.state_dir / "prometheus.pid").write_text(str(self.prometheus.proc.pid))
+        (self.state_dir / "prometheus.url").write_text(self.prometheus.url)
+        log(f"Prometheus at {self.prometheus.url}")
 
     def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         out = subprocess.run(
@@ -216,14 +232,15 @@ class LocalStack:
         """Stop what an earlier run on this state dir left running (the demo keeps its cluster up)."""
         import signal
 
-        pid_file = self.state_dir / "minio.pid"
-        if pid_file.exists():
-            try:
-                os.kill(int(pid_file.read_text()), signal.SIGTERM)
-                time.sleep(1)
-            except ProcessLookupError:
-                pass
-            pid_file.unlink()
+        for name in ("minio.pid", "prometheus.pid"):
+            pid_file = self.state_dir / name
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+                    time.sleep(1)
+                except (ProcessLookupError, ValueError):
+                    pass
+                pid_file.unlink()
         if self.kubeconfig is None:
             if (self.state_dir / "node" / "node.json").exists():
                 LocalNode(
@@ -235,6 +252,9 @@ class LocalStack:
             controlplane.stop_from_pidfiles(self.state_dir / "control-plane")
 
     def down(self) -> None:
+        if self.prometheus is not None:
+            self.prometheus.stop()  # its TSDB and log stay in state_dir/prometheus until the next up
+            (self.state_dir / "prometheus.pid").unlink(missing_ok=True)
         if self.minio is not None:
             self.minio.stop(remove_data=False)
         if self.node is not None:
@@ -252,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     kubeconfig = os.environ.get("KUBETUNE_KUBECONFIG")
     stack = LocalStack(args.state_dir, Path(kubeconfig) if kubeconfig else None).up()
-    print(json.dumps({"kubeconfig": str(stack.kubeconfig), "minio": stack.minio.endpoint}), flush=True)
+    print(
+        json.dumps(
+            {"kubeconfig": str(stack.kubeconfig), "minio": stack.minio.endpoint, "prometheus": stack.prometheus.url}
+        ),
+        flush=True,
+    )
     try:
         while True:
             time.sleep(3600)

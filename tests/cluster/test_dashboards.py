@@ -7,13 +7,11 @@ the cost panels the numbers of its status.cost. The trainer, DCGM and OpenCost p
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
 
+from kubetune_dev.dashboard_queries import GPU_OR_EXTERNAL, TRAINER, last, panel_results, using
 from kubetune_dev.jobs import job_manifest
-from kubetune_dev.prometheus import PrometheusServer
-from kubetune_operator import dashboards
 from tests.fixtures.control_plane import wait_for
 
 from .jobs import Jobs
@@ -22,7 +20,7 @@ from .test_operator import evict, phase, running_pod, s3_port  # noqa: F401  (s3
 
 pytestmark = pytest.mark.cluster
 # Series of other processes: empty on kwok (trainers on real nodes, the DCGM exporter, OpenCost).
-ELSEWHERE = ("kubetune_trainer_", "kubetune_checkpoint_", "DCGM_", "node_gpu_hourly_cost")
+ELSEWHERE = TRAINER + GPU_OR_EXTERNAL
 
 
 @pytest.fixture
@@ -30,28 +28,6 @@ def jobs(kube_api, namespace, operator) -> Jobs:
     j = Jobs(kube_api, namespace)
     j.secret()
     return j
-
-
-def panel_results(prom: PrometheusServer, values: dict[str, str], start: float) -> dict[tuple[str, str, str], Any]:
-    """(dashboard, panel title, refId) -> what Grafana would get: an instant query's vector for an
-    instant target, a range query's matrix since `start` for a time series."""
-    out: dict[tuple[str, str, str], Any] = {}
-    now = time.time()
-    for name, build in dashboards.DASHBOARDS.items():
-        for p in dashboards.panels(build()):
-            for t in p["targets"]:
-                # Grafana's $__rate_interval: at least 4 scrape intervals (1 s here)
-                expr = dashboards.expand(t["expr"], values, rate_interval="10s", range_="5m")
-                if t.get("instant"):
-                    out[name, p["title"], t["refId"]] = prom.query(expr, at=now)
-                else:
-                    out[name, p["title"], t["refId"]] = prom.query_range(expr, start, now, step=1)
-    return out
-
-
-def only(result: list[dict[str, Any]]) -> float:
-    (series,) = result
-    return float(series["value"][1])
 
 
 def test_every_dashboard_panel_queries_the_scraped_operator(jobs, s3_port, fake_nodes, operator, prometheus):  # noqa: F811
@@ -92,24 +68,14 @@ def test_every_dashboard_panel_queries_the_scraped_operator(jobs, s3_port, fake_
 
     results = panel_results(prom, sel, start)  # PrometheusError on any failing query
     empty = sorted(key for key, r in results.items() if not r)
-    exprs = {
-        (n, p["title"], t["refId"]): t["expr"]
-        for n, build in dashboards.DASHBOARDS.items()
-        for p in dashboards.panels(build())
-        for t in p["targets"]
-    }
-    elsewhere = {key for key, e in exprs.items() if any(m in e for m in ELSEWHERE)}
+    elsewhere = using(ELSEWHERE)
     assert set(empty) == elsewhere, "operator panels without data, or other processes' panels with data"
     assert len(results) - len(elsewhere) >= 15 and elsewhere
     print(f"{len(results)} queries, {len(elsewhere)} empty (trainer, DCGM, OpenCost series)")
 
     # The numbers: what the panels show now is the job's status.
     def now(board: str, title: str, ref: str = "A") -> float:
-        result = results[board, title, ref]
-        if result and "values" in result[0]:  # a time series: its last point
-            (series,) = result
-            return float(series["values"][-1][1])
-        return only(result)
+        return last(results[board, title, ref])
 
     spot_h, on_demand_h = float(cost["spotGpuHours"]), float(cost["onDemandGpuHours"])
     usd, would_be = float(cost["estimatedUsd"]), float(cost["onDemandUsd"])
