@@ -201,7 +201,21 @@ class ImageStore:
         stamps[str(archive)] = {"key": key, "refs": refs}
         stamps_file.write_text(json.dumps(stamps, indent=2) + "\n")
         log(f"imported {archive.name} ({', '.join(refs)}) in {time.monotonic() - t0:.1f}s")
+        self.prune_replaced()
         return refs
+
+    def prune_replaced(self) -> list[str]:
+        """Drop the image-ID records (`sha256:<id>`, which the CRI plugin adds to every image it
+        uses) whose image no tag names any more: a rebuilt 6 GB trainer otherwise keeps the old one
+        on disk until the kubelet's image GC runs at 85% disk — which once took the pause image too."""
+        listing = self.ctr("images", "ls").stdout.splitlines()[1:]
+        rows = [line.split()[:3] for line in listing if len(line.split()) >= 3]  # REF TYPE DIGEST
+        named = {digest for ref, _, digest in rows if not ref.startswith("sha256:")}
+        stale = [ref for ref, _, digest in rows if ref.startswith("sha256:") and digest not in named]
+        if stale:
+            self.ctr("images", "rm", *stale)
+            log(f"removed {len(stale)} replaced image(s)")
+        return stale
 
 
 def main(argv: list[str] | None = None) -> int:
