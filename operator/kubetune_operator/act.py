@@ -16,7 +16,8 @@ from kubernetes.client.rest import ApiException
 
 from . import api, render
 from .context import JobKey, OperatorContext
-from .decide import STATUS_KEYS, Decision, pod_rejected
+from .decide import Decision
+from .jobstatus import STATUS_KEYS, pod_rejected
 from .kube import api_error_message
 from .metrics import JobInfo
 from .observe import read_job
