@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from kubetune_contract.progress import ExitCode
 
-from . import budget, goodput
+from . import budget, decide_sizing, goodput
 from .cost import accrue
 from .jobstatus import (
     STATUS_KEYS,
@@ -70,6 +70,8 @@ class Decision:
     delete_job: bool = False
     events: list[Event] = field(default_factory=list)
     job_cost: str | None = None  # the new pods' KUBETUNE_JOB_COST (JSON): the earlier attempts' totals
+    create_sizing_pod: str | None = None  # the sizing pod to create (decide_sizing), after the ConfigMap
+    keep_sizing_pod: str | None = None  # the sizing pod still awaited; decide() deletes every other one
 
 
 def classify(pod: PodView) -> Outcome:
@@ -124,6 +126,8 @@ def _end_attempt(
 
 def decide(obs: Observed) -> Decision:
     d = _decide(obs)
+    # A sizing pod is deleted once read, or when its job moved on (finished, suspended, spec changed).
+    d.delete_pods += [p.name for p in obs.sizing_pods if p.name != d.keep_sizing_pod and not p.deleting]
     if d.status.get("cost"):
         d.status["cost"] = goodput.summarize(d.status["cost"])
     if d.create_pods and obs.spec is not None:
@@ -389,6 +393,13 @@ def _start_attempt(
             d.events.append(Event("Warning", reason, message))
         st["message"] = message
         return d
+    if obs.spec is not None and decide_sizing.needed(obs.spec):
+        sizing = decide_sizing.size(st, obs)
+        d.events += sizing.events
+        if not sizing.proceed:
+            d.ensure_config = d.ensure_config or sizing.create_pod is not None  # the sizing pod reads it
+            d.create_sizing_pod, d.keep_sizing_pod = sizing.create_pod, sizing.keep_pod
+            return d
     set_condition(st, "Ready", True, "PreflightPassed", "Secret and S3 endpoint look usable", now, gen)
     if older_alive:
         # The previous attempt's pods are still writing their final checkpoint: wait for them.
