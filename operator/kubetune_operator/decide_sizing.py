@@ -123,16 +123,17 @@ def estimate_status(
 
 
 def wont_fit_message(est: dict[str, Any]) -> str:
-    need, cap = est.get("gpuMemoryGiB"), est.get("gpuCapacityGiB")
+    # Numbers as %g: 80.0 comes back from the API server as 80, and the message must not change.
+    need, cap = float(est.get("gpuMemoryGiB") or 0), float(est.get("gpuCapacityGiB") or 0)
     msg = (
-        f"does not fit: about {need} GiB per GPU, {est.get('gpuType')} has {cap} GiB (status.estimate); "
+        f"does not fit: about {need:g} GiB per GPU, {est.get('gpuType')} has {cap:g} GiB (status.estimate); "
         "no GPU was requested."
     )
     advice = est.get("advice") or []
     if advice:
         tips = "; ".join(
             ", ".join(f"{k}={json.dumps(v)}" for k, v in a["fields"].items())
-            + f" ({a['gpuMemoryGiB']} GiB: {a['message']})"
+            + f" ({float(a['gpuMemoryGiB']):g} GiB: {a['message']})"
             for a in advice[:4]
         )
         msg += f" Any one of these fits: {tips}."

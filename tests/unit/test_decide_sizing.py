@@ -111,7 +111,7 @@ def test_a_job_that_cannot_fit_is_held_with_advice_and_the_fixed_spec_proceeds_w
     assert d.create_pods == [] and d.delete_pods == ["j-size-g1"] and d.status["phase"] == "Pending"
     r = ready(d)
     assert (r["status"], r["reason"]) == ("False", "WontFit")
-    assert "does not fit" in r["message"] and "NVIDIA-A100-SXM4-80GB has 80.0 GiB" in r["message"]
+    assert "does not fit" in r["message"] and "NVIDIA-A100-SXM4-80GB has 80 GiB" in r["message"]
     assert 'method="qlora"' in r["message"] and "spec.preflight.estimate: false" in r["message"]
     assert [e.type for e in d.events if e.reason == "WontFit"] == ["Warning"]
     # Seen again (the sweep): still held, no second event, no sizing pod.
