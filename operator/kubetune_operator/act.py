@@ -16,7 +16,8 @@ from kubernetes.client.rest import ApiException
 
 from . import api, render
 from .context import JobKey, OperatorContext
-from .decide import STATUS_KEYS, Decision, pod_rejected
+from .decide import Decision
+from .jobstatus import STATUS_KEYS, pod_rejected
 from .kube import api_error_message
 from .metrics import JobInfo
 from .observe import read_job
@@ -36,6 +37,14 @@ def act(ctx: OperatorContext, job: dict[str, Any], spec: api.FineTuneJobSpec | N
         ctx.own_writes.record(k.patch_status(job, {**dropped, **d.status}))  # first: the record of what we create
     if d.ensure_config and spec is not None:
         k.ensure_config_map(render.config_map(job, spec))
+    if d.create_sizing_pod and spec is not None:
+        try:
+            k.create_pod(render.sizing_pod(job, spec, ctx.settings, d.create_sizing_pod))
+        except ApiException as e:
+            if e.status not in (400, 403, 422):
+                raise
+            _pod_rejected(ctx, job, e)
+            return
     for attempt, rank in d.create_pods:
         assert spec is not None
         master = d.master_addr or "127.0.0.1"

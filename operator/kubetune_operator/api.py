@@ -24,6 +24,7 @@ from kubetune_contract.config import (
     TrainingSpec,
 )
 from kubetune_contract.progress import CheckpointRef
+from kubetune_contract.sizing import DatasetFacts
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -150,6 +151,18 @@ class PodOverrides(SpecModel):
     annotations: dict[str, str] | None = None
 
 
+class PreflightSpec(SpecModel):
+    """Checks before any GPU is requested."""
+
+    estimate: bool = Field(
+        True,
+        description="For a GPU job (resources.gpus > 0): size it first in a short CPU-only pod (the trainer image, "
+        "the job's credentials) that reads the base model's config.json (and, for training.epochs, the dataset); "
+        "the operator writes status.estimate and holds the job (condition Ready=False, reason WontFit, with advice) "
+        "when it cannot fit its GPUs. false: no sizing pod, no estimate, no refusal.",
+    )
+
+
 class FineTuneJobSpec(SpecModel):
     """A fine-tuning run: model, data, method, resources, spot policy, storage."""
 
@@ -214,6 +227,7 @@ class FineTuneJobSpec(SpecModel):
         None, description="Spending limits; at one, the job checkpoints and is suspended until it is raised."
     )
     pod: PodOverrides = Field(default_factory=PodOverrides)
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec)
 
 
 # ---- status -------------------------------------------------------------------------------
@@ -346,6 +360,41 @@ class BudgetStatus(SpecModel):
     warned_time: str | None = Field(None, description="When that warning was posted (RFC 3339).")
 
 
+class Estimate(SpecModel):
+    """The right-sizing estimate (kubetune_contract.estimate) of the spec as it is, made before any
+    GPU is requested from the facts a sizing pod read (config.json, the dataset's size)."""
+
+    result: Literal["Fits", "WontFit", "FitUnknown", "Failed", "Unavailable"] = Field(
+        description="Fits / FitUnknown (no known GPU memory: proceeds) / WontFit (held: Ready=False) / Failed "
+        "(the sizing pod hit a user error: held until the spec changes) / Unavailable (the sizing pod failed "
+        "otherwise or timed out: proceeds without an estimate)."
+    )
+    spec_hash: str = Field(description="The estimate-relevant spec it is of; another one is estimated again.")
+    inputs_hash: str = Field(description="The base model (and dataset) the sizing facts are of.")
+    observed_generation: int | None = None
+    time: str | None = Field(None, description="When it was made (RFC 3339).")
+    model_facts: dict[str, Any] | None = Field(None, description="config.json's keys the estimator reads.")
+    dataset: DatasetFacts | None = Field(None, description="One epoch of the training data (training.epochs jobs).")
+    gpu_type: str | None = None
+    gpu_memory_gib: float | None = Field(None, alias="gpuMemoryGiB", description="GPU memory per GPU, GiB.")
+    gpu_capacity_gib: float | None = Field(None, alias="gpuCapacityGiB", description="Memory of gpuType, GiB.")
+    fits: bool | None = Field(None, description="null: unknown (GPU type not in the table, or no estimate).")
+    advice: list[dict[str, Any]] | None = Field(
+        None, description="Spec changes that would fit: {fields: {path: value}, gpuMemoryGiB, message}."
+    )
+    breakdown_gib: dict[str, float] | None = Field(None, alias="breakdownGiB")
+    parameters: dict[str, int] | None = None
+    tokens_to_train: int | None = None
+    flops_per_token: float | None = None
+    mfu_band: list[float] | None = Field(None, description="The assumed MFU range (low, high).")
+    estimated_gpu_hours: dict[str, float] | None = Field(None, description="{low, high}, all GPUs.")
+    estimated_wall_hours: dict[str, float] | None = Field(None, description="{low, high}.")
+    estimated_usd: dict[str, str] | None = Field(None, description="{low, high} at the operator's price table.")
+    usd_per_gpu_hour: list[float] | None = Field(None, description="The (low, high) price used.")
+    notes: list[str] | None = None
+    error: str | None = Field(None, description="Why the sizing failed (result Failed or Unavailable).")
+
+
 class WorkerStatus(SpecModel):
     name: str
     rank: int
@@ -371,6 +420,7 @@ class FineTuneJobStatus(SpecModel):
     output_uri: str | None = None
     cost: Cost | None = None
     budget: BudgetStatus | None = None
+    estimate: Estimate | None = None
     workers: list[WorkerStatus] | None = None
 
 

@@ -12,14 +12,22 @@ of the operator at any point neither double-counts nor duplicates pods.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kubetune_contract.progress import ExitCode, ProgressRecord
+from kubetune_contract.progress import ExitCode
 
-from . import api, budget, goodput
+from . import budget, decide_sizing, goodput
 from .cost import accrue
+from .jobstatus import (
+    STATUS_KEYS,
+    Event,
+    apply_progress,
+    condition,
+    final_record,
+    set_condition,
+    trainer_message,
+)
 from .render import pod_name
 from .timeutil import parse_time, rfc3339
 from .views import Observed, PodView, current_attempt
@@ -47,16 +55,6 @@ WAITING_PROBLEMS = {
 }
 PERMANENT_WAITING = {"InvalidImage"}
 COST_STEP_SECONDS = 60.0
-STATUS_KEYS = {f.alias or n for n, f in api.FineTuneJobStatus.model_fields.items()}
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event to post on the job."""
-
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
 
 
 @dataclass
@@ -72,36 +70,8 @@ class Decision:
     delete_job: bool = False
     events: list[Event] = field(default_factory=list)
     job_cost: str | None = None  # the new pods' KUBETUNE_JOB_COST (JSON): the earlier attempts' totals
-
-
-def set_condition(
-    status: dict[str, Any], ctype: str, value: bool, reason: str, message: str, now: dt.datetime, generation: int | None
-) -> bool:
-    """Upsert a condition; lastTransitionTime changes only when the status flips. True if it flipped."""
-    conditions = status.setdefault("conditions", [])
-    new_status = "True" if value else "False"
-    for cond in conditions:
-        if cond["type"] == ctype:
-            flipped = cond["status"] != new_status
-            if flipped:
-                cond["lastTransitionTime"] = rfc3339(now)
-            cond.update(status=new_status, reason=reason, message=message, observedGeneration=generation)
-            return flipped
-    conditions.append(
-        {
-            "type": ctype,
-            "status": new_status,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": rfc3339(now),
-            "observedGeneration": generation,
-        }
-    )
-    return True
-
-
-def condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
-    return next((c for c in status.get("conditions") or [] if c["type"] == ctype), None)
+    create_sizing_pod: str | None = None  # the sizing pod to create (decide_sizing), after the ConfigMap
+    keep_sizing_pod: str | None = None  # the sizing pod still awaited; decide() deletes every other one
 
 
 def classify(pod: PodView) -> Outcome:
@@ -120,19 +90,6 @@ def classify(pod: PodView) -> Outcome:
     if pod.phase == "Running":
         return "running"
     return "pending"
-
-
-def _trainer_message(pod: PodView) -> str:
-    """The trainer's own words (its final ProgressRecord's message) or what Kubernetes said."""
-    if pod.message:
-        try:
-            record = ProgressRecord.model_validate_json(pod.message)
-            if record.message:
-                return record.message
-        except ValueError:
-            return pod.message.strip()[-1024:]
-    bits = [f"exit code {pod.exit_code}" if pod.exit_code is not None else None, pod.reason]
-    return f"worker {pod.name}: " + ", ".join(b for b in bits if b)
 
 
 def _finish(
@@ -167,30 +124,10 @@ def _end_attempt(
     return _start_attempt(st, obs, d, attempt + 1, [])
 
 
-def _progress(st: dict[str, Any], record: ProgressRecord, now: dt.datetime) -> None:
-    if record.phase in ("starting", "preflight", "loading") and st.get("progress"):
-        return  # a resuming trainer says step 0 until its checkpoint is loaded: keep the last progress
-    prog = {
-        "step": record.step,
-        "totalSteps": record.total_steps,
-        "epoch": record.epoch,
-        "progressPercentage": record.progress_percentage,
-        "estimatedRemainingSeconds": record.estimated_remaining_seconds,
-        "loss": record.loss,
-        "evalLoss": record.eval_loss,
-        "tokensPerSecond": record.tokens_per_second,
-        "resumedFromStep": record.resumed_from_step,
-        "updateTime": rfc3339(now),
-    }
-    st["progress"] = {k: v for k, v in prog.items() if v is not None}
-    if record.last_checkpoint:
-        st["lastCheckpoint"] = record.last_checkpoint.to_json_dict()
-    if record.output_uri:
-        st["outputUri"] = record.output_uri
-
-
 def decide(obs: Observed) -> Decision:
     d = _decide(obs)
+    # A sizing pod is deleted once read, or when its job moved on (finished, suspended, spec changed).
+    d.delete_pods += [p.name for p in obs.sizing_pods if p.name != d.keep_sizing_pod and not p.deleting]
     if d.status.get("cost"):
         d.status["cost"] = goodput.summarize(d.status["cost"])
     if d.create_pods and obs.spec is not None:
@@ -245,7 +182,7 @@ def _decide(obs: Observed) -> Decision:
         return d
     spec = obs.spec
     if obs.progress is not None:
-        _progress(st, obs.progress, now)
+        apply_progress(st, obs.progress, now)
 
     # Suspend: stop the pods (they checkpoint on SIGTERM); the next attempt resumes.
     if spec.run_policy.suspend:
@@ -300,9 +237,9 @@ def _decide(obs: Observed) -> Decision:
 
     if len(current) == workers and all(o == "succeeded" for o in outcomes.values()) and not vanished:
         if obs.progress is None:
-            final = _final_record(current[0])
+            final = final_record(current[0])
             if final:
-                _progress(st, final, now)
+                apply_progress(st, final, now)
         msg = f"fine-tuning finished after {st['preemptions']} preemption(s)"
         if st.get("outputUri"):
             msg += f"; output at {st['outputUri']}"
@@ -315,13 +252,13 @@ def _decide(obs: Observed) -> Decision:
     if ended:
         by_name = {p.name: p for p in current}
         for p in current:  # the trainer's last words carry resumable progress
-            final = _final_record(p) if p.rank == 0 else None
+            final = final_record(p) if p.rank == 0 else None
             if final and obs.progress is None:
-                _progress(st, final, now)
+                apply_progress(st, final, now)
         kinds = {o for _, o in ended}
         if "user_error" in kinds:
             name = next(n for n, o in ended if o == "user_error")
-            _finish(st, obs, d, False, "TrainerUserError", _trainer_message(by_name[name]), alive)
+            _finish(st, obs, d, False, "TrainerUserError", trainer_message(by_name[name]), alive)
             return d
         if "preempted" in kinds:
             name = next(n for n, o in ended if o == "preempted")
@@ -368,7 +305,7 @@ def _decide(obs: Observed) -> Decision:
             return _end_attempt(st, obs, d, attempt, alive, preempted=True)
         name = next(n for n, o in ended if o == "failed")
         st["restarts"] += 1
-        why = _trainer_message(by_name[name])
+        why = trainer_message(by_name[name])
         if st["restarts"] > spec.run_policy.backoff_limit:
             _finish(
                 st,
@@ -445,15 +382,6 @@ def _amounts(cost: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (cost or {}).items() if k != "accruedUntil"}
 
 
-def _final_record(pod: PodView) -> ProgressRecord | None:
-    if not pod.message:
-        return None
-    try:
-        return ProgressRecord.model_validate_json(pod.message)
-    except ValueError:
-        return None
-
-
 def _start_attempt(
     st: dict[str, Any], obs: Observed, d: Decision, attempt: int, older_alive: list[PodView]
 ) -> Decision:
@@ -465,6 +393,13 @@ def _start_attempt(
             d.events.append(Event("Warning", reason, message))
         st["message"] = message
         return d
+    if obs.spec is not None and decide_sizing.needed(obs.spec):
+        sizing = decide_sizing.size(st, obs)
+        d.events += sizing.events
+        if not sizing.proceed:
+            d.ensure_config = d.ensure_config or sizing.create_pod is not None  # the sizing pod reads it
+            d.create_sizing_pod, d.keep_sizing_pod = sizing.create_pod, sizing.keep_pod
+            return d
     set_condition(st, "Ready", True, "PreflightPassed", "Secret and S3 endpoint look usable", now, gen)
     if older_alive:
         # The previous attempt's pods are still writing their final checkpoint: wait for them.
@@ -567,20 +502,3 @@ def _observe_running(st: dict[str, Any], obs: Observed, d: Decision, current: li
         preempted = condition(st, "Preempted")
         if preempted and preempted["status"] == "True":
             set_condition(st, "Preempted", False, "Resumed", f"running again; last: {preempted['message']}", now, gen)
-
-
-def pod_rejected(
-    status: dict[str, Any], message: str, permanent: bool, now: dt.datetime, generation: int | None
-) -> dict[str, Any]:
-    """Status after the API server refused a trainer pod: invalid pass-through fields fail the
-    job (retrying cannot help); a quota refusal (403) keeps it Pending with the reason."""
-    st = {k: v for k, v in copy.deepcopy(status).items() if k in STATUS_KEYS}
-    text = f"the API server rejected the trainer pod: {message}"
-    if permanent:
-        st.update(phase="Failed", message=text, completionTime=rfc3339(now))
-        set_condition(st, "Failed", True, "PodRejected", text, now, generation)
-    else:
-        st.update(phase=st.get("phase") or "Pending", message=text)
-        set_condition(st, "Ready", False, "PodRejected", text, now, generation)
-    st.pop("workers", None)
-    return st

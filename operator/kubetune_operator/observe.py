@@ -4,7 +4,8 @@ Most of it comes from memory: kopf indexes hold every job, worker pod and node (
 `pod_view`/`node_view` turn raw objects into views as kopf fills them. Only a few reads go out,
 each only when needed: a GET of a pod the status records but the index lacks (its watch event may
 still be in flight, or another operator instance created it), the credentials Secret and a TCP
-connect to the S3 endpoint before an attempt starts, and rank 0's /progress during a sweep.
+connect to the S3 endpoint before an attempt starts, and rank 0's /progress during a sweep. The
+job's sizing pod (render.sizing_pod) is in the same index; `observe` keeps it apart from the workers.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from kubetune_contract.progress import ProgressRecord
 
 from . import api
 from .context import OperatorContext
-from .cost import price_per_hour
+from .cost import gpu_hour_prices, price_per_hour
 from .kube import Kube
-from .render import CONTAINER, LABEL_ATTEMPT, LABEL_RANK
+from .render import CONTAINER, LABEL_ATTEMPT, LABEL_RANK, LABEL_ROLE
 from .settings import Settings
 from .timeutil import parse_time, utc_now
 from .views import NodeView, Observed, PodView, current_attempt
@@ -130,6 +131,7 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         created_at=parse_time(meta.get("creationTimestamp")),
         started_at=started_at,
         finished_at=finished_at,
+        role=labels.get(LABEL_ROLE, "worker"),
     )
 
 
@@ -152,6 +154,8 @@ def observe(
 ) -> Observed:
     """Everything `decide` may look at for `job`, given its indexed pods and all nodes. `poll`:
     a sweep pass, which also asks the running rank 0 for progress."""
+    sizing = tuple(p for p in pods if p.role == "sizing")
+    pods = tuple(p for p in pods if p.role != "sizing")
     pods = pods + recorded_but_unseen(ctx.kube, job, pods)
     spec, error = parse_spec(job)
     now = utc_now()
@@ -178,6 +182,10 @@ def observe(
         gpu_type_known=gpu_known,
         progress=progress,
         gpu_price=lambda node, resources: price_per_hour(settings, node, resources),
+        sizing_pods=sizing,
+        gpu_hour_prices=gpu_hour_prices(settings, spec.resources.gpu_type, spec.capacity.policy)
+        if spec is not None and spec.resources.gpus
+        else None,
     )
 
 

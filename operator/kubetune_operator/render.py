@@ -22,6 +22,9 @@ LABEL_JOB_NAME = "kubetune.io/job-name"
 LABEL_JOB_UID = "kubetune.io/job-uid"
 LABEL_ATTEMPT = "kubetune.io/attempt"
 LABEL_RANK = "kubetune.io/rank"
+LABEL_ROLE = "kubetune.io/role"  # "sizing" on the sizing pod; absent on workers
+SIZING_RESOURCES = {"cpu": "1", "memory": "2Gi"}  # tokenizer + a 20k-record sample; no GPU
+SIZING_DEADLINE_SECONDS = 900  # the kubelet stops a sizing pod that runs longer (decide_sizing waits as long)
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/name": "kubetune-trainer"}
 CONTAINER = "trainer"
 
@@ -130,6 +133,52 @@ def _affinity(user: dict[str, Any] | None, required: list, preferred: list) -> d
     return affinity or None
 
 
+# Model downloads, checkpoint staging and temp files go to the scratch volume (sized by
+# resources.ephemeralStorage), not the container's writable layer.
+SCRATCH_ENV: list[dict[str, Any]] = [
+    {"name": envvars.HF_HOME, "value": layout.SCRATCH_HF_HOME},
+    {"name": envvars.WORK_DIR, "value": layout.SCRATCH_WORK_DIR},
+    {"name": envvars.TMPDIR, "value": layout.SCRATCH_DIR},
+]
+SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _credentials_env(spec: api.FineTuneJobSpec) -> list[dict[str, Any]]:
+    """The job's S3 credentials (from its Secret, never read by the operator) and the user's env."""
+    env: list[dict[str, Any]] = []
+    secret = spec.s3.credentials_secret
+    if secret:
+        for env_name, key in (
+            (envvars.S3_ACCESS_KEY, secret.access_key_id_key),
+            (envvars.S3_SECRET_KEY, secret.secret_access_key_key),
+        ):
+            env.append({"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
+    return env + list(spec.pod.env or [])
+
+
+def _volumes(job_name: str, spec: api.FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts): the trainer config, scratch, /dev/shm and the pvc:// claims (read-only)."""
+    res = spec.resources
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(job_name)}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": res.ephemeral_storage} if res.ephemeral_storage else {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and DataLoader workers need a real /dev/shm
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": layout.CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
+        {"name": "scratch", "mountPath": layout.SCRATCH_DIR},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    for i, claim in enumerate(pvc_claims(spec)):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{layout.PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+    return volumes, mounts
+
+
 def worker_pod(
     job: dict[str, Any],
     spec: api.FineTuneJobSpec,
@@ -161,36 +210,12 @@ def worker_pod(
         {"name": envvars.METRICS_PORT, "value": str(layout.METRICS_PORT)},
         {"name": envvars.POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": envvars.NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-        # Model downloads, checkpoint staging and temp files go to the scratch volume (sized by
-        # resources.ephemeralStorage), not the container's writable layer.
-        {"name": envvars.HF_HOME, "value": layout.SCRATCH_HF_HOME},
-        {"name": envvars.WORK_DIR, "value": layout.SCRATCH_WORK_DIR},
-        {"name": envvars.TMPDIR, "value": layout.SCRATCH_DIR},
+        *SCRATCH_ENV,
     ]
     if job_cost is not None:
         env.append({"name": envvars.JOB_COST, "value": job_cost})
-    secret = spec.s3.credentials_secret
-    if secret:
-        for env_name, key in (
-            (envvars.S3_ACCESS_KEY, secret.access_key_id_key),
-            (envvars.S3_SECRET_KEY, secret.secret_access_key_key),
-        ):
-            env.append({"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}})
-    env += pod_cfg.env or []
-
-    volumes: list[dict[str, Any]] = [
-        {"name": "config", "configMap": {"name": config_map_name(name)}},
-        {"name": "scratch", "emptyDir": {"sizeLimit": res.ephemeral_storage} if res.ephemeral_storage else {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and DataLoader workers need a real /dev/shm
-    ]
-    mounts: list[dict[str, Any]] = [
-        {"name": "config", "mountPath": layout.CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
-        {"name": "scratch", "mountPath": layout.SCRATCH_DIR},
-        {"name": "dshm", "mountPath": "/dev/shm"},
-    ]
-    for i, claim in enumerate(pvc_claims(spec)):
-        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        mounts.append({"name": f"pvc-{i}", "mountPath": f"{layout.PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+    env += _credentials_env(spec)
+    volumes, mounts = _volumes(name, spec)
 
     required, preferred, tolerations = _placement(spec, settings, on_demand)
     labels = {
@@ -217,11 +242,7 @@ def worker_pod(
                 "volumeMounts": mounts,
                 "terminationMessagePath": layout.TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "capabilities": {"drop": ["ALL"]},
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
+                "securityContext": dict(SECURITY_CONTEXT),
             }
         ],
         "volumes": volumes,
@@ -246,6 +267,71 @@ def worker_pod(
             "namespace": meta["namespace"],
             "labels": labels,
             "annotations": dict(pod_cfg.annotations or {}),
+            "ownerReferences": [owner_reference(job)],
+        },
+        "spec": pod_spec,
+    }
+
+
+def sizing_pod(job: dict[str, Any], spec: api.FineTuneJobSpec, settings: Settings, name: str) -> dict[str, Any]:
+    """The sizing pod (`kubetune-train size`, kubetune_trainer.size): CPU only, no GPU requested
+    and no GPU node required, with the job's credentials, service account, env and volumes; its
+    termination message is a kubetune_contract.sizing.SizingRecord. Ends by itself (restartPolicy
+    Never, activeDeadlineSeconds); the operator deletes it once read."""
+    meta = job["metadata"]
+    pod_cfg = spec.pod
+    volumes, mounts = _volumes(meta["name"], spec)
+    volumes = [v for v in volumes if v["name"] != "dshm"]
+    mounts = [m for m in mounts if m["name"] != "dshm"]
+    env = [{"name": envvars.CONFIG, "value": layout.CONFIG_PATH}, *SCRATCH_ENV, *_credentials_env(spec)]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "activeDeadlineSeconds": SIZING_DEADLINE_SECONDS,
+        "terminationGracePeriodSeconds": 5,
+        "containers": [
+            {
+                "name": CONTAINER,
+                "image": pod_cfg.image or settings.trainer_image,
+                "imagePullPolicy": pod_cfg.image_pull_policy or settings.trainer_image_pull_policy,
+                "args": ["size"],
+                "env": env,
+                "resources": {"requests": dict(SIZING_RESOURCES), "limits": dict(SIZING_RESOURCES)},
+                "volumeMounts": mounts,
+                "terminationMessagePath": layout.TERMINATION_LOG,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": dict(SECURITY_CONTEXT),
+            }
+        ],
+        "volumes": volumes,
+    }
+    # Wherever the user's placement allows (spot nodes too); never the GPU type or capacity policy.
+    if pod_cfg.node_selector:
+        pod_spec["nodeSelector"] = dict(pod_cfg.node_selector)
+    tolerations = list(pod_cfg.tolerations or []) + [
+        t for t in settings.spot_tolerations if t not in (pod_cfg.tolerations or [])
+    ]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if pod_cfg.affinity:
+        pod_spec["affinity"] = copy.deepcopy(pod_cfg.affinity)
+    if pod_cfg.priority_class_name:
+        pod_spec["priorityClassName"] = pod_cfg.priority_class_name
+    if pod_cfg.service_account_name:
+        pod_spec["serviceAccountName"] = pod_cfg.service_account_name
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": {
+                **(pod_cfg.labels or {}),
+                **MANAGED_BY,
+                LABEL_JOB_NAME: meta["name"],
+                LABEL_JOB_UID: meta["uid"],
+                LABEL_ROLE: "sizing",
+            },
             "ownerReferences": [owner_reference(job)],
         },
         "spec": pod_spec,

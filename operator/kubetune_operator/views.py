@@ -37,6 +37,7 @@ class PodView:
     created_at: dt.datetime | None = None  # the pod's creation (pending time runs from here)
     started_at: dt.datetime | None = None  # the trainer container's start (cost accrues from here)
     finished_at: dt.datetime | None = None  # ... and its end
+    role: str = "worker"  # "worker" | "sizing" (the pre-GPU sizing pod, render.sizing_pod)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Observed:
     gpu_type_known: bool | None = None  # None: not checked
     progress: ProgressRecord | None = None  # polled from the running rank 0
     gpu_price: GpuPrice | None = None
+    sizing_pods: tuple[PodView, ...] = ()  # the job's sizing pods (not in `pods`, which are its workers)
+    gpu_hour_prices: tuple[float, float] | None = None  # (low, high) USD per GPU-hour for status.estimate
 
 
 def current_attempt(status: dict[str, Any], pods: tuple[PodView, ...]) -> int:

@@ -61,6 +61,7 @@ def test_budget_suspends_a_running_job_and_raising_it_resumes(
         job_manifest(
             name=name,
             resources={"gpus": 1},
+            preflight={"estimate": False},  # sized elsewhere (test_sizing)
             budget={"maxUsd": MAX_USD},
             s3={"endpoint": f"http://127.0.0.1:{s3_port}"},
         )

@@ -39,7 +39,10 @@ def test_every_dashboard_panel_queries_the_scraped_operator(jobs, s3_port, fake_
     sel = {"job_namespace": ns, "finetunejob": name}
     jobs.create(
         job_manifest(
-            name=name, resources={"gpus": 2, "gpuType": "NVIDIA-L4"}, s3={"endpoint": f"http://127.0.0.1:{s3_port}"}
+            name=name,
+            resources={"gpus": 2, "gpuType": "NVIDIA-L4"},
+            preflight={"estimate": False},  # sized elsewhere (test_sizing)
+            s3={"endpoint": f"http://127.0.0.1:{s3_port}"},
         )
     )
     running_pod(jobs, name)

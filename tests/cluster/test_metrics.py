@@ -58,6 +58,7 @@ def test_prometheus_sees_the_cost_and_preemption_of_a_job(jobs, s3_port, fake_no
         job_manifest(
             name=name,
             resources={"gpus": 2, "gpuType": "NVIDIA-L4"},
+            preflight={"estimate": False},  # sized elsewhere (test_sizing)
             s3={"endpoint": f"http://127.0.0.1:{s3_port}"},
         )
     )

@@ -19,6 +19,7 @@ from tests.fixtures.control_plane import wait_for
 from .jobs import Jobs
 
 pytestmark = pytest.mark.cluster
+NO_SIZING = {"estimate": False}  # GPU jobs whose sizing is not the point (tests/cluster/test_sizing.py)
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +342,9 @@ def test_unreachable_s3_endpoint_waits_with_a_reason(jobs):
 
 def test_unknown_gpu_type_is_named(jobs, spec, fake_nodes):
     fake_nodes(gpus=8, gpu_type="NVIDIA-A100-SXM4-80GB")
-    jobs.create(job_manifest(name="gpuz", resources={"gpus": 1, "gpuType": "NVIDIA-Z9000"}, **spec))
+    jobs.create(
+        job_manifest(name="gpuz", resources={"gpus": 1, "gpuType": "NVIDIA-Z9000"}, preflight=NO_SIZING, **spec)
+    )
     wait_for(
         lambda: (jobs.condition("gpuz", "Scheduled") or {}).get("reason") == "UnknownGPUType", what="UnknownGPUType"
     )
@@ -352,7 +355,9 @@ def test_unknown_gpu_type_is_named(jobs, spec, fake_nodes):
 def test_gpu_job_lands_on_a_matching_gpu_node(jobs, spec, fake_nodes):
     fake_nodes(spot=True, gpus=8, gpu_type="NVIDIA-L4")
     node = fake_nodes(spot=True, gpus=8, gpu_type="NVIDIA-A100-SXM4-80GB")
-    jobs.create(job_manifest(name="gpu", resources={"gpus": 2, "gpuType": "NVIDIA-A100-SXM4-80GB"}, **spec))
+    jobs.create(
+        job_manifest(name="gpu", resources={"gpus": 2, "gpuType": "NVIDIA-A100-SXM4-80GB"}, preflight=NO_SIZING, **spec)
+    )
     pod = running_pod(jobs, "gpu")
     assert pod.spec.node_name == node
     assert pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "2"

@@ -9,7 +9,8 @@ import pytest
 from kubetune_contract.progress import ExitCode, ProgressRecord
 from kubetune_dev.jobs import job_manifest
 from kubetune_operator import api
-from kubetune_operator.decide import classify, decide, pod_rejected, set_condition
+from kubetune_operator.decide import classify, decide
+from kubetune_operator.jobstatus import pod_rejected, set_condition
 from kubetune_operator.views import NodeView, Observed, PodView
 
 T0 = dt.datetime(2026, 11, 22, 12, 0, 0, tzinfo=dt.UTC)

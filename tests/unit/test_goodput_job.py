@@ -90,7 +90,7 @@ def first_attempt(job: Job) -> None:
 
 
 def test_sigterm_preemption_loses_the_next_start_up_and_nothing_is_recomputed():
-    job = Job(resources={"gpus": 1, "gpuType": "NVIDIA-L4"})
+    job = Job(resources={"gpus": 1, "gpuType": "NVIDIA-L4"}, preflight={"estimate": False})
     first_attempt(job)
     final0 = record("checkpointing", **{**FACTS_A0, "productive_seconds": 110.0}, tokens_seen=4400)
     d = job.run([worker(0, "Failed", end=130, exit_code=ExitCode.PREEMPTED, message=final0)], at(130))
@@ -182,7 +182,7 @@ def test_a_status_from_before_goodput_is_read_and_completed():
         "workers": [{"name": "j-a1-w0", "rank": 0, "phase": "Running", "attempt": 1}],
         "cost": {"gpuHours": 0.5, "estimatedUsd": "1.8000", "accruedUntil": "2026-11-22T12:00:00Z"},
     }
-    job = Job(status=old, resources={"gpus": 2})
+    job = Job(status=old, resources={"gpus": 2}, preflight={"estimate": False})
     job.run([worker(1, start=-60)], at(60), progress=record(startup_seconds=8.0, productive_seconds=30.0))
     assert job.cost["workerSeconds"] == 900 + 60  # 0.5 GPU-hours on 2 GPUs, then one more minute
     assert job.goodput["lostToPreemptionSeconds"] == 8  # after a preemption, by the counters

@@ -1,5 +1,7 @@
 """`kubetune-train` / `python -m kubetune_trainer`: read the trainer config, train, exit with a
 config.ExitCode (0 success, 1 retriable, 2 user error, 3 preempted with a durable checkpoint).
+`python -m kubetune_trainer size`: the sizing pod's job instead (kubetune_trainer.size): the facts
+the operator's right-sizing estimate needs, as a kubetune_contract.sizing.SizingRecord.
 
 The environment is read here, once, into `options.TrainerOptions` (every variable and its default
 is documented there), and passed down: KUBETUNE_CONFIG (default layout.CONFIG_PATH), RANK /
@@ -47,6 +49,10 @@ def _write_failure(path: str, message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    sizing = bool(argv) and argv[0] == "size"
+    if sizing:
+        argv = argv[1:]
     ap = argparse.ArgumentParser(prog="kubetune-train", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument(
         "--config", default=None, help=f"trainer config JSON (default: ${envvars.CONFIG}, else {CONFIG_PATH})"
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         logs.log("config_ok", path=config_path)
         return 0
+    if sizing:
+        from .size import main as size_main
+
+        return size_main(cfg, opts)
 
     from .launch import maybe_launch_local_workers
 
