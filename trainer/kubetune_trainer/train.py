@@ -144,6 +144,7 @@ class Run:
         if zero.enabled(cfg):
             zero.check_supported(cfg, self.dist.cuda, self.opts.force_cpu)
             zero.require(self.dist.cuda)  # imported now: a missing package fails before the model loads
+            D.export_deepspeed_env(self.dist.env)  # zero.Init (ZeRO-3 loading) reads them too
         self.precision = M.resolve_precision(cfg.training.precision, self.dist.cuda)
 
         self.dist.together(
