@@ -6,6 +6,7 @@ import torch
 from kubetune_contract.config import TrainerConfig
 from kubetune_dev.trainer_inputs import trainer_config
 from kubetune_trainer import model as M
+from kubetune_trainer import zero
 from kubetune_trainer.errors import UserError
 
 
@@ -69,20 +70,25 @@ def test_full_fine_tuning_trains_everything(tiny_model_dir):
 def test_gpu_only_features_fail_clearly_on_cpu(tiny_model_dir):
     with pytest.raises(UserError, match="qlora needs a GPU"):
         M.check_method_supported(_cfg(tiny_model_dir, method="qlora"), cuda=False)
+    ds = _cfg(tiny_model_dir, training={"deepspeed": "zero2"})
     with pytest.raises(UserError, match="deepspeed=zero2 needs GPUs"):
-        M.check_method_supported(_cfg(tiny_model_dir, training={"deepspeed": "zero2"}), cuda=False)
+        zero.check_supported(ds, cuda=False, force_cpu=False)
+    zero.check_supported(ds, cuda=False, force_cpu=True)  # the explicit knob: DeepSpeed on the CPU
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         M.resolve_precision("fp16", cuda=False)
     assert M.resolve_precision("bf16", cuda=False).name == "bf16"
 
 
-@pytest.mark.parametrize("preset", M.DEEPSPEED_PRESETS)
+@pytest.mark.parametrize("preset", zero.PRESETS)
 def test_deepspeed_presets_are_complete(tiny_model_dir, preset):
     cfg = _cfg(tiny_model_dir, training={"deepspeed": preset, "batchSize": 3, "gradientAccumulationSteps": 5})
-    ds = M.deepspeed_config(cfg, M.Precision("bf16", torch.bfloat16, True))
+    ds = zero.config(cfg, M.Precision("bf16", torch.bfloat16, True))
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert "auto" not in str(ds)
     stage = ds["zero_optimization"]["stage"]
     assert stage == (3 if preset.startswith("zero3") else 2)
     assert ("offload_optimizer" in ds["zero_optimization"]) == preset.endswith("offload")
+    # no op compiled at run time: torch's AdamW, also over offloaded partitions (not DeepSpeedCPUAdam)
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds.get("zero_force_ds_cpu_optimizer", True) is not preset.endswith("offload")

@@ -16,6 +16,11 @@ for) and hands it to `save_async`; the store moves it aside and uploads it in th
 (multipart, concurrent), then commits the manifest, then prunes to `keep_last`. At most one
 upload is in flight; on SIGTERM, `wait()` blocks until it is durable.
 
+Several ranks (DeepSpeed ZeRO shards, one store per rank): `save_async(..., rank=r, world=w)`
+uploads this rank's files and its part; rank 0 commits the manifest over every rank's files only
+once all parts are there (`shards`). The caller clears the step first (`clear_step`, rank 0) and
+lets every rank pass a barrier before any of them writes.
+
 Kept light: no torch import (the operator image has none).
 """
 
@@ -42,6 +47,7 @@ from kubetune_contract.config import S3Spec
 from kubetune_contract.progress import CheckpointRef
 
 from . import s3 as s3mod
+from . import shards
 from .errors import CorruptCheckpoint, KubetuneError, RetriableError, UserError
 
 log = logging.getLogger(__name__)
@@ -244,6 +250,7 @@ class CheckpointStore:
         registry: CollectorRegistry | None = None,
         transfer: Any = None,
         hash_workers: int = 2,
+        parts_timeout: float = 900.0,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"checkpoints.keepLast must be >= 1, got {keep_last}")
@@ -252,6 +259,7 @@ class CheckpointStore:
         self.client = client if client is not None else s3mod.make_client(s3)
         self._transfer = transfer or s3mod.transfer_config()
         self._hash_workers = max(1, hash_workers)
+        self._parts_timeout = parts_timeout  # rank 0: how long to wait for the other ranks' shards
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-ckpt-upload")
         self._inflight: Future[CheckpointInfo] | None = None
         self._last_durable: CheckpointInfo | None = None
@@ -383,8 +391,14 @@ class CheckpointStore:
         fut = self._inflight
         return fut is not None and not fut.done()
 
-    def save_async(self, step: int, local_dir: Path, meta: dict[str, Any] | None = None) -> Future[CheckpointInfo]:
+    def save_async(
+        self, step: int, local_dir: Path, meta: dict[str, Any] | None = None, *, rank: int = 0, world: int = 1
+    ) -> Future[CheckpointInfo]:
         """Upload the checkpoint in `local_dir` as `step`, in the background.
+
+        With world > 1 local_dir holds this rank's share; rank 0's future resolves once the
+        checkpoint over all ranks is committed, another rank's once its own files are durable
+        (an uncommitted CheckpointInfo of its files).
 
         The store owns `local_dir` from now on: it is renamed aside at once (the caller may
         reuse the path for the next save) and deleted after the upload. When the previous
@@ -414,16 +428,19 @@ class CheckpointStore:
         staging = local_dir.with_name(f".{local_dir.name}.upload-{step_dir_name(step)}-{uuid.uuid4().hex[:8]}")
         local_dir.rename(staging)  # same filesystem: instant
         staged = {rel: staging / rel for rel in files}
-        fut = self._executor.submit(self._upload, step, staging, staged, meta)
+        fut = self._executor.submit(self._upload, step, staging, staged, meta, rank, world)
         self._inflight = fut
         self._m.blocked_seconds.observe(time.monotonic() - t0)
         return fut
 
-    def _upload(self, step: int, staging: Path, files: dict[str, Path], meta: dict[str, Any]) -> CheckpointInfo:
+    def _upload(
+        self, step: int, staging: Path, files: dict[str, Path], meta: dict[str, Any], rank: int = 0, world: int = 1
+    ) -> CheckpointInfo:
         t0 = time.monotonic()
         uri = self.step_uri(step)
         try:
-            self._clear_step(step)
+            if world == 1:
+                self._clear_step(step)  # sharded: rank 0 cleared it before any rank wrote
             with ThreadPoolExecutor(self._hash_workers) as pool:
                 # Hash while uploading: both read the same (page-cached) immutable files.
                 digests = {rel: pool.submit(sha256_file, p) for rel, p in files.items()}
@@ -435,6 +452,14 @@ class CheckpointStore:
                     raise RetriableError(
                         f"{uri}/{rel}: S3 reports {remote.get(rel)} bytes after upload, expected {e.size}"
                     )
+            if world > 1:
+                if rank != 0:  # this rank's part: its files are durable; rank 0 commits
+                    part = shards.part_bytes(step, rank, entries)
+                    s3mod.put_bytes(self.client, uri.join(shards.part_rel(rank)), part, content_type="application/json")
+                    self._m.upload_bytes.inc(nbytes)
+                    log.info("checkpoint shards uploaded step=%d rank=%d bytes=%d", step, rank, nbytes)
+                    return CheckpointInfo(step=step, uri=str(uri), time=now_rfc3339(), files=entries, meta=meta)
+                entries = self._merge_parts(uri, step, world, entries)
             info = CheckpointInfo(step=step, uri=str(uri), time=now_rfc3339(), files=entries, meta=meta)
             # The commit point: only now can a reader see this checkpoint.
             s3mod.put_bytes(self.client, uri.join(MANIFEST), info.manifest_bytes(), content_type="application/json")
@@ -464,6 +489,25 @@ class CheckpointStore:
         except Exception as exc:  # noqa: BLE001 - the checkpoint is durable; pruning can wait
             log.warning("checkpoint prune failed under %s: %s", self.root, exc)
         return info
+
+    def _merge_parts(self, uri: s3mod.S3Uri, step: int, world: int, own: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        """Rank 0: its own entries and every other rank's, once all ranks' parts are in S3."""
+        entries = dict(own)
+        parts = shards.await_parts(self.client, uri, step=step, world=world, timeout=self._parts_timeout)
+        remote = {o.key[len(uri.dir_prefix) :]: o.size for o in s3mod.iter_objects(self.client, uri)}
+        for r, files in parts.items():
+            for rel, (size, digest) in files.items():
+                if rel in entries:
+                    raise RetriableError(f"{uri}/{rel}: written by rank {r} and by another rank")
+                if remote.get(rel) != size:
+                    raise RetriableError(f"{uri}/{rel} (rank {r}): S3 has {remote.get(rel)} bytes, part says {size}")
+                entries[rel] = FileEntry(size, digest)
+        return entries
+
+    def clear_step(self, step: int) -> None:
+        """Delete whatever an earlier attempt left of this step (manifest first); rank 0, before
+        the ranks of a sharded checkpoint write."""
+        self._clear_step(step)
 
     def _set_durable(self, info: CheckpointInfo) -> None:
         self._last_durable = info

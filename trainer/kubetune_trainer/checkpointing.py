@@ -2,10 +2,13 @@
 the store (`checkpoint.CheckpointStore`).
 
 - resume: every rank restores the newest valid checkpoint and all check they got the same step;
-- save: all ranks write locally (blocking; RNG states gathered, DeepSpeed shards per rank), then
-  rank 0 alone uploads in the background; three failed uploads in a row end the attempt;
-- at a stop: the current step is saved (unless it already is), rank 0 waits for the upload, and
-  all ranks agree it is durable before the run exits PREEMPTED.
+- save: all ranks write locally (blocking; RNG states gathered), then rank 0 alone uploads in the
+  background; under DeepSpeed every rank writes and uploads its own shards (into a directory of
+  its own, so ranks in one pod or in several pods behave alike) and rank 0 commits the manifest
+  over all of them once every rank's part is in S3 (`shards`). Three failed uploads in a row end
+  the attempt;
+- at a stop: the current step is saved (unless it already is), every uploading rank waits for its
+  upload (rank 0 for the commit), and all ranks agree it is durable before the run exits PREEMPTED.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Checkpointing:
         self.last_time = time.monotonic()  # rank 0's clock decides time-based checkpoints
         self.failures: list[BaseException] = []
         self.on_blocked: Any = None  # called with the seconds each save held training up
+        self.uploads = dist.rank0  # whether this rank uploads (every rank once it saved ZeRO shards)
 
     @classmethod
     def open(
@@ -87,11 +91,16 @@ class Checkpointing:
         upload's future on rank 0, else None."""
         t0 = time.monotonic()
         step = st.global_step
-        # the same path on every rank (DeepSpeed ranks of one pod write their shards into it)
-        local = self.work / "checkpoints" / f"step-{step:09d}"
+        env = self.dist.env
+        sharded = parts.ds_engine is not None and self.dist.distributed
+        local = self.work / "checkpoints" / (f"rank-{env.rank}" if sharded else "") / f"step-{step:09d}"
         self.last_saved_step = step
         if self.dist.rank0:
             self.progress.update(phase="checkpointing")
+        if sharded:
+            self.uploads = True
+            # leftovers of an earlier attempt at this step go before any rank uploads into it
+            self.dist.together((lambda: self.store.clear_step(step)) if self.dist.rank0 else None, "clearing a step")
         if not S.write(local, parts, st, self.dist):
             return None
         blocked = time.monotonic() - t0
@@ -104,7 +113,7 @@ class Checkpointing:
             "method": self.cfg.method,
             "attempt": self.attempt,
         }
-        fut = self.store.save_async(step, local, meta)
+        fut = self.store.save_async(step, local, meta, rank=env.rank, world=env.world if sharded else 1)
         fut.add_done_callback(self._on_upload_done)
         self.last_time = time.monotonic()
         self.metrics.safe(lambda: self.metrics.checkpoint_save.set(blocked))
@@ -121,6 +130,9 @@ class Checkpointing:
         except BaseException as e:  # noqa: BLE001 - reported, retried by the next checkpoint
             self.failures.append(e)
             logs.log("checkpoint_upload_failed", "error", error=f"{type(e).__name__}: {e}")
+            return
+        if not self.dist.rank0:  # a shard uploader: rank 0 commits
+            logs.log("checkpoint_shards_durable", step=info.step, uri=info.uri, files=len(info.files or []))
             return
         with contextlib.suppress(Exception):
             self.progress.update(last_checkpoint=info.to_ref())
@@ -139,9 +151,10 @@ class Checkpointing:
         if self.last_saved_step != st.global_step:
             fut = self.save(st, parts, "sigterm")
         ok = True
-        if self.dist.rank0:
-            self.progress.update(phase="uploading")
-            logs.log("phase", phase="uploading")
+        if self.uploads:
+            if self.dist.rank0:
+                self.progress.update(phase="uploading")
+                logs.log("phase", phase="uploading")
             try:
                 info = self.store.wait()
                 ok = info is not None and info.step == st.global_step and not (fut and fut.exception())
@@ -152,13 +165,13 @@ class Checkpointing:
             raise RetriableError(f"preempted at step {st.global_step} but the checkpoint did not become durable")
 
     def wait(self, timeout: float | None = None) -> None:
-        """Rank 0: let an upload in flight finish (errors were reported when they happened)."""
-        if self.dist.rank0:
+        """An uploading rank: let an upload in flight finish (errors were reported when they happened)."""
+        if self.uploads:
             with contextlib.suppress(BaseException):
                 self.store.wait(timeout=timeout)
 
     def close(self, timeout: float) -> None:
-        if self.dist.rank0:
+        if self.uploads:
             self.wait(timeout)
             with contextlib.suppress(BaseException):
                 self.store.close(wait=False)

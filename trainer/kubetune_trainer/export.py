@@ -96,21 +96,6 @@ def _job_card(facts: RunFacts) -> dict:
     return job_card(facts.job_cost, facts.goodput, facts.state.tokens_seen)
 
 
-def _gathered_state_dict(cfg: TrainerConfig, parts: TrainingParts, rank0: bool) -> dict | None:
-    """Trainable (lora) or all (full) weights on rank 0, gathered from ZeRO-3 partitions if needed."""
-    model = parts.model
-    if parts.ds_engine is not None and cfg.training.deepspeed.startswith("zero3"):
-        import deepspeed
-
-        params = [p for _, p in parts.trainable] if cfg.method != "full" else list(model.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if rank0:
-                names = {id(p): n for n, p in model.named_parameters()}
-                return {names[id(p)]: p.detach().cpu().clone() for p in params}
-            return None
-    return None
-
-
 def export_output(
     cfg: TrainerConfig,
     parts: TrainingParts,
@@ -127,9 +112,10 @@ def export_output(
     export itself."""
     from . import s3
     from .model import is_peft
+    from .zero import gathered_state_dict
 
     uri = output_uri(cfg)
-    gathered = _gathered_state_dict(cfg, parts, rank0)
+    gathered = gathered_state_dict(cfg, parts, rank0)  # ZeRO-3: consolidated / gathered on rank 0
     if not rank0:
         return uri
     out = out_dir

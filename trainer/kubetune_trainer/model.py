@@ -6,27 +6,23 @@
 - LoRA keeps the base weights frozen (in the compute dtype) and trains fp32 adapters.
 - QLoRA: bitsandbytes 4-bit nf4 with double quantisation and bf16 compute; bitsandbytes is
   imported only here, only when asked for (it is absent from CPU images).
-- DeepSpeed presets are data files in kubetune_trainer/deepspeed/*.json; "auto" values are filled
-  from the TrainingSpec. Used only with GPUs.
+- DeepSpeed (presets, zero.Init, engine checkpoints, ZeRO-3 export) lives in `zero`.
 - The training parts (optimizer, schedule, scaler, DDP wrapper or DeepSpeed engine) are built here
   too: `build_training_parts` returns the `state.TrainingParts` that checkpoints save and restore.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from kubetune_contract.config import TrainerConfig
 
+from . import zero
 from .dist import Dist, export_deepspeed_env
 from .errors import UserError
 from .state import TrainingParts
-
-DEEPSPEED_PRESETS = ("zero2", "zero2-offload", "zero3", "zero3-offload")
 
 
 @dataclass(frozen=True)
@@ -61,8 +57,6 @@ def check_method_supported(cfg: TrainerConfig, cuda: bool) -> None:
             "method=qlora needs a GPU (bitsandbytes 4-bit quantisation); this trainer "
             "has no CUDA device: use method=lora, or request GPUs (gpusPerWorker)"
         )
-    if cfg.training.deepspeed != "none" and not cuda:
-        raise UserError(f"training.deepspeed={cfg.training.deepspeed} needs GPUs; set deepspeed: none for CPU training")
 
 
 def load_tokenizer(src: str, cfg: TrainerConfig):
@@ -118,12 +112,13 @@ def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
         kwargs["dtype"] = precision.dtype
     else:
         kwargs["dtype"] = torch.float32  # full fine-tuning: fp32 master weights, autocast computes
+    zero.init_for_load(cfg, precision)  # ZeRO-3: from_pretrained partitions under zero.Init
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"baseModel.uri: cannot load a causal LM from {cfg.base_model.uri}: {e}") from None
     model.config.use_cache = False
-    if cfg.method != "qlora":
+    if cfg.method != "qlora" and not zero.is_zero3(cfg):
         model.to(device)
 
     gc = cfg.training.gradient_checkpointing
@@ -160,38 +155,8 @@ def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts, counted the way peft counts them."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return tuple(model.get_nb_trainable_parameters())
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
-def deepspeed_preset(name: str) -> dict:
-    if name not in DEEPSPEED_PRESETS:
-        raise UserError(f"training.deepspeed: unknown preset {name!r} (one of {', '.join(DEEPSPEED_PRESETS)})")
-    text = resources.files("kubetune_trainer").joinpath("deepspeed", f"{name}.json").read_text()
-    return json.loads(text)
-
-
-def deepspeed_config(cfg: TrainerConfig, precision: Precision) -> dict:
-    """A preset with every "auto" filled from the TrainingSpec."""
-    t = cfg.training
-    ds = deepspeed_preset(t.deepspeed)
-
-    def fill(d: dict, key: str, value):
-        if d.get(key) == "auto":
-            d[key] = value
-
-    fill(ds, "train_micro_batch_size_per_gpu", t.batch_size)
-    fill(ds, "gradient_accumulation_steps", t.gradient_accumulation_steps)
-    fill(ds, "gradient_clipping", t.max_grad_norm)
-    ds.pop("train_batch_size", None)
-    ds["bf16"] = {"enabled": precision.name == "bf16"}
-    ds["fp16"] = {"enabled": precision.name == "fp16", "loss_scale": 0, "initial_scale_power": 16}
-    opt = ds.get("optimizer", {}).get("params", {})
-    fill(opt, "lr", t.learning_rate)
-    fill(opt, "weight_decay", t.weight_decay)
-    ds.setdefault("steps_per_print", 10**9)
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
+    total = sum(zero.numel(p) for p in model.parameters())
+    return sum(zero.numel(p) for p in model.parameters() if p.requires_grad), total
 
 
 def unwrap(model):
@@ -224,32 +189,25 @@ def build_training_parts(
 ) -> TrainingParts:
     """AdamW (weight decay on matrices only) and the LR schedule over total_steps, wrapped for
     DDP; or, with a DeepSpeed preset, the engine built by deepspeed.initialize around the same
-    schedule (its optimizer comes from the preset: DeepSpeedCPUAdam under offload)."""
+    schedule (its optimizer comes from the preset: torch AdamW, see `zero`)."""
     import torch
     from transformers import get_scheduler
 
     t = cfg.training
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
+    decay = [p for n, p in params if zero.ndim(p) >= 2]
+    no_decay = [p for n, p in params if zero.ndim(p) < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     warmup = math.ceil(t.warmup_ratio * total_steps)
-    if t.deepspeed != "none":
-        try:
-            import deepspeed  # noqa: F401  (GPU image only)
-        except Exception as e:
-            raise UserError(
-                f"training.deepspeed={t.deepspeed} needs the deepspeed package, which this "
-                f"trainer image lacks ({e}); build it with EXTRAS=trainer,gpu,deepspeed (Dockerfile.trainer)"
-            ) from None
+    if zero.enabled(cfg):
         export_deepspeed_env(dist.env)
-        engine, opt, _, sched = deepspeed.initialize(
-            model=model,
-            model_parameters=groups,
-            config=deepspeed_config(cfg, precision),
-            lr_scheduler=lambda o: get_scheduler(
-                t.lr_scheduler, o, num_warmup_steps=warmup, num_training_steps=total_steps
-            ),
+        engine, opt, sched = zero.initialize(
+            model,
+            groups,
+            cfg,
+            precision,
+            lambda o: get_scheduler(t.lr_scheduler, o, num_warmup_steps=warmup, num_training_steps=total_steps),
+            dist.cuda,
         )
         return TrainingParts(
             model=model, wrapped=engine, trainable=params, optimizer=opt, scheduler=sched, ds_engine=engine

@@ -8,7 +8,9 @@ over the run. *Where* a checkpoint goes (S3, manifest last, pruning) is `checkpo
 A directory of format 1:
 - `trainable.safetensors`: every trainable tensor by name (the LoRA adapters, or all weights for
   full fine-tuning); `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16 only) — or, under
-  DeepSpeed, the engine's own `deepspeed/` directory instead of these four;
+  DeepSpeed, the engine's own `deepspeed/` directory instead of these four: every rank's ZeRO
+  shards (`deepspeed/state/zero_pp_rank_<r>_*`, frozen parameters excluded), each rank writing
+  and uploading its own (`zero`, `shards`);
 - `rng.pt`: a list, one entry per rank: python, numpy, torch CPU (and CUDA) generator states;
 - `trainer_state.json`: `TrainState` (step, data position, counters, wall time, GPU-seconds).
 """
@@ -23,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import logs
+from . import logs, zero
 from .dist import Dist
 from .errors import UserError
 
@@ -118,29 +120,21 @@ def seed_everything(seed: int) -> None:
 
 
 def write(local: Path, parts: TrainingParts, state: TrainState, dist: Dist) -> bool:
-    """Write a checkpoint of this step into local. Every rank calls it (the RNG states are
-    gathered, DeepSpeed ranks write their own shards); rank 0 writes the rest. True on rank 0,
-    whose directory is then complete."""
+    """Write this rank's share of a checkpoint of this step into local (a directory of its own).
+    Every rank calls it (the RNG states are gathered; under DeepSpeed every rank writes its own
+    shards); rank 0 writes the rest. True when this rank has files to upload: rank 0, and under
+    DeepSpeed every rank."""
     rngs = dist.gather_objects(rng_state(dist.cuda))
     ds = parts.ds_engine is not None
-    if dist.rank0 and local.exists():
-        shutil.rmtree(local, ignore_errors=True)
-    if ds:
-        dist.barrier()
     if dist.rank0 or ds:
-        local.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
     if ds:
-        save_engine(local, parts)
-        dist.barrier()  # every shard is on disk before rank 0 hands the directory over
+        zero.save_checkpoint(parts.ds_engine, local / DEEPSPEED_DIR)
     if not dist.rank0:
-        return False
+        return ds
     save(local, parts, state, rngs)
     return True
-
-
-def save_engine(local: Path, parts: TrainingParts) -> None:
-    """DeepSpeed only, on every rank of the pod: the engine writes its shards under local."""
-    parts.ds_engine.save_checkpoint(str(local / DEEPSPEED_DIR), tag="state", save_latest=False)
 
 
 def save(local: Path, parts: TrainingParts, state: TrainState, rngs: list[dict]) -> None:
@@ -191,7 +185,7 @@ def load_parts(ckpt_dir: Path, parts: TrainingParts, device: Any, uri: str) -> N
     import torch
 
     if parts.ds_engine is not None:
-        parts.ds_engine.load_checkpoint(str(ckpt_dir / DEEPSPEED_DIR), tag="state")
+        zero.load_checkpoint(parts.ds_engine, ckpt_dir / DEEPSPEED_DIR, uri)
         return
     from safetensors.torch import load_file
 

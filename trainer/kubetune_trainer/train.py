@@ -31,7 +31,7 @@ from kubetune_contract.config import TrainerConfig
 from kubetune_contract.progress import ExitCode
 
 from . import dist as D
-from . import logs, step
+from . import logs, step, zero
 from . import prepare as P
 from . import state as S
 from .checkpointing import Checkpointing
@@ -141,11 +141,10 @@ class Run:
             deepspeed=cfg.training.deepspeed != "none",
         )
         M.check_method_supported(cfg, self.dist.cuda)
-        if cfg.training.deepspeed != "none" and cfg.workers > 1:
-            raise UserError(
-                "training.deepspeed with workers > 1 is not supported yet (ZeRO shards are "
-                "written per pod): use one worker with several GPUs, or deepspeed: none"
-            )
+        if zero.enabled(cfg):
+            zero.check_supported(cfg, self.dist.cuda, self.opts.force_cpu)
+            zero.require(self.dist.cuda)  # imported now: a missing package fails before the model loads
+            D.export_deepspeed_env(self.dist.env)  # zero.Init (ZeRO-3 loading) reads them too
         self.precision = M.resolve_precision(cfg.training.precision, self.dist.cuda)
 
         self.dist.together(
