@@ -48,7 +48,7 @@ def baseline_child(spec_path: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from kubetune_trainer.data import Sequence, collate
+    from kubetune_trainer.data import Sequence, collate_padded
 
     spec = json.loads(Path(spec_path).read_text())
     seqs = [Sequence(**s) for s in json.loads(Path(spec["sequences"]).read_text())]
@@ -81,7 +81,7 @@ def baseline_child(spec_path: str) -> None:
 
     def collator(batch):
         counted["tokens"] += sum(len(s) for s in batch)
-        return collate(batch, spec["pad_id"])
+        return collate_padded(batch, spec["pad_id"])
 
     args = TrainingArguments(
         output_dir=spec["out"],
@@ -185,7 +185,7 @@ def run_ours(args, model_dir: Path, data: Path, minio, bucket: str, work: Path, 
             "learningRate": args.lr,
             "lrScheduler": "constant",
             "loggingSteps": 10,
-            "gradientCheckpointing": args.gradient_checkpointing,
+            "gradientCheckpointing": "always" if args.gradient_checkpointing else "never",
             "precision": args.precision,
             "maxGradNorm": 1.0,
         },

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .layout import CONFIG_PATH
@@ -79,7 +79,13 @@ class LoraSpec(SpecModel):
 
     r: int = Field(16, ge=1, le=1024, description="Rank of the update matrices.")
     alpha: int = Field(32, ge=1, le=4096, description="Scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the LoRA input. 0 (the default) skips the dropout pass and its mask "
+        "on every adapted Linear; QLoRA's paper used 0.05-0.1 for small models.",
+    )
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
@@ -92,6 +98,12 @@ Method = Literal["lora", "qlora", "full"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 LrScheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 DeepSpeedPreset = Literal["none", "zero2", "zero2-offload", "zero3", "zero3-offload"]
+# Word values, not on/off/true/false: YAML 1.1 (kubectl, PyYAML) reads an unquoted on/off as a boolean.
+GradientCheckpointing = Literal["auto", "always", "never", "offload"]
+Liger = Literal["auto", "always", "never"]
+Compile = Literal["none", "regional"]
+Attention = Literal["auto", "flash_attention_2"]
+_LEGACY_BOOL = {True: "always", False: "never"}
 
 
 class TrainingSpec(SpecModel):
@@ -109,16 +121,54 @@ class TrainingSpec(SpecModel):
     max_seq_length: int = Field(1024, ge=16, le=262_144, description="Tokens per sequence after packing/truncation.")
     packing: bool = Field(True, description="Pack short examples into full-length sequences.")
     precision: Precision = Field("auto", description="auto = bf16 on GPUs that support it, else fp32.")
-    gradient_checkpointing: bool = Field(True, description="Trade compute for activation memory.")
+    gradient_checkpointing: GradientCheckpointing = Field(
+        "auto",
+        description="Recompute activations in backward instead of keeping them: never | always | offload "
+        "(always, with the kept layer inputs in pinned host memory) | auto (the trainer checks the estimate "
+        "against its GPU's memory: never when the job fits without, else the fewest checkpointed layers that "
+        "fit; never on CPU).",
+    )
+    gradient_checkpointing_every_n_layers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="With always/offload: checkpoint only every n-th decoder layer (1 = every layer, the "
+        "default); the others keep their activations, trading memory back for speed.",
+    )
+    liger: Liger = Field(
+        "auto",
+        description="Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU): auto = on CUDA for "
+        "supported architectures when liger-kernel is installed; always = required (an error names what is "
+        "missing); never.",
+    )
+    compile: Compile = Field(
+        "none", description="regional = torch.compile each decoder layer (needs a C compiler; first steps slower)."
+    )
+    attention: Attention = Field(
+        "auto",
+        description="auto = padding-free varlen attention over torch's SDPA kernels; flash_attention_2 = the "
+        "flash-attn package (in the image), padding-free through cu_seqlens.",
+    )
     seed: int = Field(42, ge=0, le=2**31 - 1)
     deepspeed: DeepSpeedPreset = Field("none", description="DeepSpeed ZeRO preset (GPU only).")
     logging_steps: int = Field(10, ge=1, description="Log and publish progress every N steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at the end).")
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _legacy_bool(cls, v: Any) -> Any:
+        """Configs written before the modes were booleans (true = always, false = never)."""
+        return _LEGACY_BOOL.get(v, v) if isinstance(v, bool) else v
+
     @model_validator(mode="after")
     def _needs_a_length(self) -> TrainingSpec:
         if self.epochs is None and self.max_steps is None:
             raise ValueError("training: set maxSteps or epochs")
+        if self.gradient_checkpointing_every_n_layers is not None and self.gradient_checkpointing not in (
+            "always",
+            "offload",
+        ):
+            raise ValueError("training.gradientCheckpointingEveryNLayers needs gradientCheckpointing always or offload")
         return self
 
 

@@ -17,11 +17,15 @@ d = 2 under bf16/fp16, 4 under fp32; W = workers × GPUs per worker, the data-pa
   under DeepSpeed bf16 (ZeRO paper, Rajbhandari et al. 2020, §3): param 2 + grad 2 + optimizer 12
   (fp32 master, m, v); ZeRO-2 shards grads and optimizer over W, ZeRO-3 the params too; the
   -offload presets keep the optimizer (and under zero3-offload the params) in host memory.
-- activations: with gradient checkpointing every layer keeps its input (d·h per token) and one
-  layer's activations exist at a time during recompute; without, all L layers' do. One layer of a
+- activations: a checkpointed layer keeps its input (d·h per token; nothing on the GPU under
+  `offload`, which holds it in pinned host memory) and one layer's activations exist at a time
+  during recompute; a layer that is not checkpointed keeps all of its own. `every n-th layer`
+  checkpoints ⌈L/n⌉ of the L layers. `auto` is resolved against the GPU's memory by
+  `resolve_checkpointing` (the cheapest setting that fits: never, every 4th, every 2nd, every
+  layer, offloaded); unresolved (no capacity known) it counts as every layer, the high side. One layer of a
   Llama-shaped block (SDPA, no L² scores) keeps ≈ d·(7h + 3·kv + 4·i) + 16h bytes per token (the two
   RMSNorms compute in fp32), and each LoRA-adapted Linear adds its input again (d bytes, +1 for the
-  dropout mask).
+  dropout mask). Attention is padding-free (varlen over cu_seqlens): no L² mask or scores.
 - logits: T·V·12 bytes (bf16 logits, the fp32 upcast for the loss, its gradient); with a fused
   linear cross-entropy (Liger) the logits are never materialised: ≈ T·h·12.
 - overhead: CUDA context, cuBLAS workspaces and kernels ≈ 1 GiB, NCCL ≈ 0.5 GiB with W > 1, and 5%
@@ -197,7 +201,7 @@ class Plan:
     gpus_per_worker: int = 0
     workers: int = 1
     gpu_type: str | None = None
-    fused_cross_entropy: bool = False  # Liger's fused linear cross-entropy (not in the trainer yet)
+    fused_cross_entropy: bool = False  # Liger's fused linear cross-entropy (training.liger resolved on)
 
     @property
     def world(self) -> int:
@@ -289,13 +293,14 @@ def memory(arch: ModelArch, plan: Plan) -> Memory:
     # Activations and logits of one micro-batch.
     tokens = t.batch_size * t.max_seq_length
     per_layer = layer_activation_bytes(arch, plan)
-    if t.gradient_checkpointing:
-        acts = tokens * (arch.layers * d * arch.hidden_size + per_layer)
-    else:
+    mode, every = checkpointing(t)
+    if mode == "never":
         acts = tokens * arch.layers * per_layer
+    else:
+        ck = math.ceil(arch.layers / every)  # layers 0, n, 2n, ... are checkpointed
+        kept = 0 if mode == "offload" else ck * d * arch.hidden_size
+        acts = tokens * (kept + (arch.layers - ck) * per_layer + per_layer)
     acts += tokens * arch.hidden_size * 4 * 2  # the gradient flowing down the residual stream, fp32
-    if t.packing:
-        acts += t.batch_size * t.max_seq_length**2  # the packed batch's boolean (B, 1, L, L) mask
     if plan.method == "full" and not zero and d == 2:
         acts += n_total * d  # autocast's bf16 copy of each fp32 weight, alive from forward to backward
     width = arch.hidden_size if plan.fused_cross_entropy else arch.vocab_size
@@ -304,6 +309,41 @@ def memory(arch: ModelArch, plan: Plan) -> Memory:
     tensors = weights + gradients + optimizer + acts + logits
     overhead = (CUDA_CONTEXT_GIB + (NCCL_GIB if w > 1 else 0.0)) * GIB + FRAGMENTATION * tensors
     return Memory(weights, gradients, optimizer, acts, logits, overhead)
+
+
+def checkpointing(t: TrainingSpec) -> tuple[str, int]:
+    """(mode, every n-th layer) as `memory` counts it: an unresolved auto counts as every layer."""
+    mode = "always" if t.gradient_checkpointing == "auto" else t.gradient_checkpointing
+    return mode, t.gradient_checkpointing_every_n_layers or 1
+
+
+AUTO_HEADROOM = 0.9  # auto picks a setting whose estimate leaves 10% of the GPU free (the estimate is ±15%)
+# auto's candidates, cheapest in compute first: (mode, every n-th layer)
+AUTO_CHECKPOINTING: tuple[tuple[str, int | None], ...] = (
+    ("never", None),
+    ("always", 4),
+    ("always", 2),
+    ("always", None),
+    ("offload", None),
+)
+
+
+def resolve_checkpointing(arch: ModelArch, plan: Plan, capacity_gib: float | None) -> Plan:
+    """The plan with `gradientCheckpointing: auto` replaced by what the trainer will run: never on
+    CPU (capacity None with no GPUs), else the first of AUTO_CHECKPOINTING within AUTO_HEADROOM of capacity_gib,
+    or every layer when none does (the estimate then says it does not fit). Other modes unchanged."""
+    t = plan.training
+    if t.gradient_checkpointing != "auto":
+        return plan
+    if plan.gpus_per_worker == 0:
+        return plan.with_training(gradient_checkpointing="never")
+    if capacity_gib is None:
+        return plan.with_training(gradient_checkpointing="always")
+    for mode, every in AUTO_CHECKPOINTING:
+        cand = plan.with_training(gradient_checkpointing=mode, gradient_checkpointing_every_n_layers=every)
+        if _fits(arch, cand, capacity_gib * AUTO_HEADROOM)[0]:
+            return cand
+    return plan.with_training(gradient_checkpointing="always", gradient_checkpointing_every_n_layers=None)
 
 
 def host_gib(arch: ModelArch, plan: Plan) -> float:
@@ -333,11 +373,11 @@ def advise(arch: ModelArch, plan: Plan, capacity_gib: float) -> list[dict[str, A
             out.append({"fields": fields, "gpuMemoryGiB": round(gib, 1), "message": why})
         return ok
 
-    if not t.gradient_checkpointing:
+    if t.gradient_checkpointing == "never":
         offer(
-            plan.with_training(gradient_checkpointing=True),
-            {"training.gradientCheckpointing": True},
-            "recompute activations in backward instead of keeping every layer's",
+            resolve_checkpointing(arch, plan.with_training(gradient_checkpointing="auto"), capacity_gib),
+            {"training.gradientCheckpointing": "auto"},
+            "recompute activations in backward (as few layers as fit) instead of keeping every layer's",
         )
     b = t.batch_size // 2
     while b >= 1:
@@ -399,11 +439,12 @@ def estimate(
 
     price_per_gpu_hour: (low, high) USD per GPU-hour (spot..on-demand) from the operator's table.
     dataset_tokens: tokens in one epoch, needed when the job gives epochs rather than maxSteps."""
+    notes: list[str] = []
+    capacity = memory_gib_for(plan.gpu_type) if plan.gpus_per_worker else None
+    plan = resolve_checkpointing(arch, plan, capacity)
     t = plan.training
     mem = memory(arch, plan)
     gib = mem.total / GIB
-    notes: list[str] = []
-    capacity = memory_gib_for(plan.gpu_type) if plan.gpus_per_worker else None
     fits: bool | None = None
     advice: list[dict[str, Any]] = []
     if plan.gpus_per_worker == 0:
@@ -464,6 +505,10 @@ def estimate(
         "fits": fits,
         "advice": advice,
         "breakdownGiB": mem.gib(),
+        "gradientCheckpointing": {
+            "mode": checkpointing(t)[0],
+            "everyNLayers": checkpointing(t)[1],
+        },
         "parameters": {"total": arch.total_params, "trainable": n_train},
         "tokensToTrain": tokens,
         "flopsPerToken": float(f"{fpt:.4g}"),

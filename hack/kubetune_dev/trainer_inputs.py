@@ -34,7 +34,7 @@ def trainer_config(
         "maxSeqLength": 64,
         "loggingSteps": 1,
         "warmupRatio": 0.0,
-        "gradientCheckpointing": False,
+        "gradientCheckpointing": "never",
         "lrScheduler": "constant",
     }
     tr.update(training or {})

@@ -204,6 +204,21 @@ class FineTuneJobSpec(SpecModel):
                     "fieldPath": ".training.evalSteps",
                 },
                 {
+                    "rule": "!has(self.training.liger) || self.training.liger != 'always' || "
+                    "(has(self.resources) && self.resources.gpus > 0)",
+                    "message": "training.liger always needs resources.gpus > 0 (Liger's kernels are Triton, CUDA "
+                    "only); use auto or never on CPU",
+                    "fieldPath": ".training.liger",
+                },
+                {
+                    "rule": "!has(self.training.gradientCheckpointingEveryNLayers) || "
+                    "(has(self.training.gradientCheckpointing) && "
+                    "self.training.gradientCheckpointing in ['always', 'offload'])",
+                    "message": "training.gradientCheckpointingEveryNLayers needs training.gradientCheckpointing "
+                    "always or offload (auto chooses by itself)",
+                    "fieldPath": ".training.gradientCheckpointingEveryNLayers",
+                },
+                {
                     "rule": "has(self.training.maxSteps) || has(self.training.epochs)",
                     "message": "set training.maxSteps or training.epochs",
                     "fieldPath": ".training",

@@ -96,7 +96,7 @@ def test_valid_spec_is_defaulted_by_the_api_server(kube_api, crd, namespace):
     job = job_manifest(lora=None, capacity=None, runPolicy=None)
     created = jobs.create(job)
     spec = created["spec"]
-    assert spec["lora"] == {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]}
+    assert spec["lora"] == {"r": 16, "alpha": 32, "dropout": 0.0, "targetModules": ["all-linear"]}
     assert spec["capacity"] == {"policy": "spot-preferred", "maxPreemptions": 10, "fallbackToOnDemand": False}
     assert spec["runPolicy"]["backoffLimit"] == 3 and spec["runPolicy"]["suspend"] is False
     assert spec["training"]["lrScheduler"] == "cosine"

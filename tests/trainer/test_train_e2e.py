@@ -56,7 +56,7 @@ def test_lora_learns_and_publishes_adapter_with_model_card(
             "loggingSteps": 5,
             "lrScheduler": "cosine",
             "warmupRatio": 0.1,
-            "gradientCheckpointing": True,
+            "gradientCheckpointing": "always",
         },
         lora={"r": 16, "alpha": 32, "dropout": 0.0},
         dataset={"validationSplit": 0.1},

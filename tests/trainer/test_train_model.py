@@ -22,7 +22,7 @@ def test_lora_trains_only_adapter_parameters(tiny_model_dir):
     cfg = _cfg(
         tiny_model_dir,
         lora={"r": 4, "alpha": 8, "targetModules": ["all-linear"]},
-        training={"gradientCheckpointing": True},
+        training={"gradientCheckpointing": "always"},
     )
     prec = M.resolve_precision("auto", cuda=False)
     assert prec.name == "fp32"

@@ -7,7 +7,17 @@ import pytest
 from kubetune_contract.config import DatasetSpec
 from kubetune_contract.uris import local_path_for_uri, pvc_claim
 from kubetune_dev.tiny_model import chat_records
-from kubetune_trainer.data import IGNORE, Batches, Encoder, Example, RecordError, build_sequences, collate, pack
+from kubetune_trainer.data import (
+    IGNORE,
+    Batches,
+    Encoder,
+    Example,
+    RecordError,
+    build_sequences,
+    collate,
+    collate_padded,
+    pack,
+)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +110,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     exs = [_ex(6, 10), _ex(5, 40), _ex(7, 70)]
-    packed = collate(pack(exs, 64), pad_id=3)
+    packed = collate_padded(pack(exs, 64), pad_id=3)
     with torch.no_grad():
         # (no KV cache: transformers derives the block-diagonal mask from restarting position ids)
         logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
@@ -113,10 +123,22 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
 
 def test_collate_pads_labels_and_positions():
     seqs = build_sequences([_ex(3, 10), _ex(5, 20)], 64, packing=False)
-    b = collate(seqs, pad_id=0)
+    b = collate_padded(seqs, pad_id=0)
     assert b["input_ids"].shape == (2, 5)
     assert b["labels"][0].tolist() == [IGNORE, 11, 12, IGNORE, IGNORE]
     assert b["position_ids"][0].tolist() == [0, 1, 2, 0, 1]
+
+
+def test_collate_is_padding_free():
+    """One flattened row, no padding, the example boundaries as cu_seq_lens (packed or not)."""
+    seqs = pack([_ex(3, 10), _ex(5, 20), _ex(4, 30)], 8) + build_sequences([_ex(2, 40)], 8, packing=False)
+    b = collate(seqs)
+    assert b["input_ids"].shape == b["labels"].shape == b["position_ids"].shape == (1, 14)
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1]
+    assert b["cu_seq_lens_q"].tolist() == [0, 3, 8, 12, 14] and b["cu_seq_lens_q"].dtype.is_floating_point is False
+    assert b["cu_seq_lens_k"] is b["cu_seq_lens_q"]
+    assert b["max_length_q"] == b["max_length_k"] == 5
+    assert [b["labels"][0, i].item() for i in (0, 3, 8, 12)] == [IGNORE] * 4  # no target across a boundary
 
 
 def test_batches_are_deterministic_cover_everything_and_split_by_rank():

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kubetune_contract.config import LoraSpec, TrainingSpec
-from kubetune_contract.estimate import EstimateError, ModelArch, Plan, estimate, memory
+from kubetune_contract.estimate import AUTO_CHECKPOINTING, EstimateError, ModelArch, Plan, estimate, memory
 from kubetune_contract.gpus import GIB, memory_gib_for, peak_flops_for
 from kubetune_operator import cli
 from kubetune_trainer import mfu
@@ -61,7 +61,7 @@ def test_parameter_counts_match_the_published_models():
 
 
 def test_lora_8b_bf16_keeps_15_gib_of_weights_and_fits_one_h100():
-    e = estimate(ARCH, plan(batch_size=4, max_seq_length=2048, precision="bf16"))
+    e = estimate(ARCH, plan(batch_size=4, max_seq_length=2048, precision="bf16", gradient_checkpointing="always"))
     assert 14.8 <= e["breakdownGiB"]["weights"] <= 15.2  # 8.03e9 × 2 B + 42M fp32 adapters
     assert e["breakdownGiB"]["optimizer"] == pytest.approx(41_943_040 * 8 / GIB, abs=0.01)
     assert e["fits"] is True and e["advice"] == [] and 25 < e["gpuMemoryGiB"] < 45
@@ -109,12 +109,46 @@ def test_full_fine_tuning_of_8b_needs_zero3_across_8_gpus():
 
 
 def test_gradient_checkpointing_off_keeps_every_layers_activations():
-    on = memory(ARCH, plan(batch_size=4, max_seq_length=2048))
-    off = memory(ARCH, plan(batch_size=4, max_seq_length=2048, gradient_checkpointing=False))
+    on = memory(ARCH, plan(batch_size=4, max_seq_length=2048, gradient_checkpointing="always"))
+    off = memory(ARCH, plan(batch_size=4, max_seq_length=2048, gradient_checkpointing="never"))
     assert off.activations > 10 * on.activations
-    e = estimate(ARCH, plan(batch_size=4, max_seq_length=2048, gradient_checkpointing=False))
+    e = estimate(ARCH, plan(batch_size=4, max_seq_length=2048, gradient_checkpointing="never"))
     assert e["fits"] is False
-    assert e["advice"][0]["fields"] == {"training.gradientCheckpointing": True}
+    assert e["advice"][0]["fields"] == {"training.gradientCheckpointing": "auto"}
+
+
+def test_checkpointing_every_n_layers_and_offload_sit_between_always_and_never():
+    acts = {
+        (mode, n): memory(
+            ARCH,
+            plan(
+                batch_size=4, max_seq_length=2048, gradient_checkpointing=mode, gradient_checkpointing_every_n_layers=n
+            ),
+        ).activations
+        for mode, n in (("never", None), ("always", 4), ("always", 2), ("always", None), ("offload", None))
+    }
+    order = [acts[k] for k in (("never", None), ("always", 4), ("always", 2), ("always", None), ("offload", None))]
+    assert order == sorted(order, reverse=True)
+    assert (
+        acts[("always", None)] == memory(ARCH, plan(batch_size=4, max_seq_length=2048)).activations
+    )  # auto, unresolved
+
+
+def test_auto_checkpointing_is_the_cheapest_setting_that_fits():
+    # the 8B LoRA at 4 x 2048 on an 80 GiB GPU: never does not fit, a checkpointed setting does
+    job = plan(batch_size=4, max_seq_length=2048)
+    e = estimate(ARCH, job)
+    assert e["fits"] is True and e["gradientCheckpointing"]["mode"] in ("always", "offload")
+    assert estimate(ARCH, plan(batch_size=1, max_seq_length=256))["gradientCheckpointing"] == {
+        "mode": "never",
+        "everyNLayers": 1,
+    }
+    assert estimate(ARCH, plan(gpus=0, batch_size=4, max_seq_length=2048))["gradientCheckpointing"]["mode"] == "never"
+    for mode, n in AUTO_CHECKPOINTING:  # what auto picked is the first candidate that fits
+        cand = job.with_training(gradient_checkpointing=mode, gradient_checkpointing_every_n_layers=n)
+        if memory(ARCH, cand).total / GIB <= 0.9 * memory_gib_for(H100):
+            assert e["gradientCheckpointing"] == {"mode": mode, "everyNLayers": n or 1}
+            break
 
 
 def test_without_a_known_gpu_type_the_fit_is_unknown_and_the_smallest_fitting_type_is_named():

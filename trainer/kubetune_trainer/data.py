@@ -10,10 +10,11 @@ Formats (DatasetSpec.format):
   whose rendering is prefix-stable works without `{% generation %}` markers).
 
 Packing puts whole examples (never split) into sequences of at most max_seq_length tokens. Each
-example's position ids restart at 0; transformers' mask utilities (Llama, Mistral, Qwen2, Gemma, …)
-turn restarting position ids into a block-diagonal causal mask when no attention mask is passed,
-so packed examples never attend to each other. The first token of every example has label -100,
-so no example is trained to predict from its neighbour's last token.
+example's position ids restart at 0. A micro-batch reaches the model padding-free (`collate`):
+one flattened row with the example boundaries as `cu_seq_lens`, which the attention
+(kubetune_trainer.attention) runs per example, so packed examples never attend to each other and
+no L² mask is built. The first token of every example has label -100, so no example is trained to
+predict from its neighbour's last token.
 
 Ordering is deterministic: the epoch-e order is a permutation seeded by (seed, e), independent of
 any global RNG, so a resumed run sees exactly the batches an uninterrupted run would.
@@ -419,9 +420,40 @@ def build_sequences(examples: list[Example], max_len: int, packing: bool) -> lis
     return pack(examples, max_len) if packing else [to_sequence(e) for e in examples]
 
 
-def collate(seqs: list[Sequence], pad_id: int) -> dict:
-    """Right-pad to the longest sequence. No attention mask: padding gets its own restarting
-    position ids (a separate block), and with causal attention real tokens never see it."""
+def collate(seqs: list[Sequence]) -> dict:
+    """Padding-free: the micro-batch's sequences concatenated into one row (B = 1), no padding and
+    no attention mask. Position ids restart at 0 for every example; `cu_seq_lens_q/k` are the
+    examples' cumulative lengths (int32) and `max_length_q/k` the longest example, the arguments
+    of varlen attention kernels (kubetune_trainer.attention). The loss shifts labels by one inside
+    the row, so the last token of an example is scored against the next example's first label,
+    which is always IGNORE (Encoder._finish)."""
+    import torch
+
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+    for s in seqs:
+        ids += s.input_ids
+        labels += s.labels
+        pos += s.position_ids
+    bounds = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    longest = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def collate_padded(seqs: list[Sequence], pad_id: int) -> dict:
+    """The (B, L) layout a stock transformers.Trainer collator gives (the benchmarks' baseline):
+    right-padded to the longest sequence, no attention mask; padding gets its own restarting
+    position ids, from which transformers builds a dense (B, 1, L, L) block-diagonal mask."""
     import torch
 
     width = max(len(s) for s in seqs)

@@ -81,12 +81,36 @@ def _lora_targets(targets: list[str]):
     return list(targets)
 
 
-def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
-    """The base model (frozen for lora/qlora, wrapped by peft) on `device`, ready to train."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def _attention(cfg: TrainerConfig) -> str:
+    """The attn_implementation: padding-free varlen (kubetune_trainer.attention) unless the spec
+    asks for the flash-attn package."""
+    if cfg.training.attention == "flash_attention_2":
+        return "flash_attention_2"
+    from .attention import register
 
+    return register()
+
+
+def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
+    """The base model (frozen for lora/qlora, wrapped by peft) on `device`, ready to train, with the
+    speed knobs of kubetune_trainer.speed applied (Liger, checkpointing, LoRA glue, compile)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import speed
+
+    t = cfg.training
     kwargs: dict[str, Any] = dict(revision=cfg.base_model.revision, trust_remote_code=cfg.base_model.trust_remote_code)
+    kwargs["attn_implementation"] = _attention(cfg)
+    cuda = device.type == "cuda"
+    try:
+        base = AutoConfig.from_pretrained(
+            src, revision=cfg.base_model.revision, trust_remote_code=cfg.base_model.trust_remote_code
+        )
+        model_type = getattr(base, "model_type", None)
+    except (OSError, ValueError) as e:
+        raise UserError(f"baseModel.uri: cannot load a model config from {cfg.base_model.uri}: {e}") from None
+    liger = speed.apply_liger(cfg, model_type, cuda)  # patches the modeling module: before from_pretrained
     if cfg.method == "qlora":
         try:
             import bitsandbytes  # noqa: F401  (imported only for qlora; absent on CPU images)
@@ -115,21 +139,22 @@ def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
     zero.init_for_load(cfg, precision)  # ZeRO-3: from_pretrained partitions under zero.Init
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except ImportError as e:  # flash_attention_2 without the flash-attn package
+        raise UserError(f"training.attention={t.attention}: {e}") from None
     except (OSError, ValueError) as e:
         raise UserError(f"baseModel.uri: cannot load a causal LM from {cfg.base_model.uri}: {e}") from None
     model.config.use_cache = False
     if cfg.method != "qlora" and not zero.is_zero3(cfg):
         model.to(device)
 
-    gc = cfg.training.gradient_checkpointing
+    capacity = torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None
+    mode, every = speed.resolve_checkpointing(cfg, model.config.to_dict(), cuda, capacity, fused_ce=liger)
     if cfg.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    elif gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    speed.enable_checkpointing(model, mode, every)
+    model.kubetune_checkpointing = (mode, every)  # for the model_loaded log line
 
     if cfg.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
@@ -146,8 +171,10 @@ def load_model(src: str, cfg: TrainerConfig, precision: Precision, device):
             model = get_peft_model(model, lc)
         except ValueError as e:
             raise UserError(f"lora.targetModules: {e}") from None
-        if gc and cfg.method == "lora":
+        if mode != "never":
             model.enable_input_require_grads()
+        speed.no_adapter_input_copy(model, precision.autocast)
+    speed.compile_regions(model, t.compile)
     return model
 
 
@@ -236,18 +263,14 @@ def autocast(precision: Precision, device: Any, parts: TrainingParts) -> Any:
     return contextlib.nullcontext()
 
 
-def forward(model: Any, seqs: list, n_items: float, device: Any, pad_id: int) -> Any:
-    """One forward pass over seqs; its loss is the sum over their trained tokens / n_items."""
+def forward(model: Any, seqs: list, n_items: float, device: Any, pad_id: int | None = None) -> Any:
+    """One forward pass over seqs, padding-free (data.collate: one flattened row with the example
+    boundaries); its loss is the sum over their trained tokens / n_items. pad_id is unused (no
+    padding) and kept for callers."""
     from .data import collate
 
-    batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
-    return model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        labels=batch["labels"],
-        num_items_in_batch=n_items,
-        use_cache=False,
-    )
+    batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in collate(seqs).items()}
+    return model(**batch, num_items_in_batch=n_items, use_cache=False)
 
 
 def eval_loss(

@@ -201,7 +201,7 @@ class Run:
             precision=self.precision.name,
             trainable_parameters=trainable,
             total_parameters=n_total,
-            gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing=getattr(M.unwrap(model), "kubetune_checkpointing", t.gradient_checkpointing),
             device=str(self.dist.device),
         )
         from . import mfu
