@@ -22,6 +22,10 @@ if [ "$(cat "$VENV/.kubetune-stamp" 2>/dev/null)" != "$stamp" ]; then
   echo "[setup] installing Python packages into $VENV (torch from PyPI is large: first run takes minutes)" >&2
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
   "$VENV/bin/pip" install -q -c "$repo/hack/constraints.txt" -e "$repo[dev]"
+  # DeepSpeed (the trainer's ZeRO tests run it on CPU over gloo): an sdist whose setup.py imports
+  # torch, so it builds against the torch just installed, without build isolation; no ops are
+  # compiled (DS_BUILD_OPS=0): the presets use torch_adam.
+  DS_BUILD_OPS=0 "$VENV/bin/pip" install -q -c "$repo/hack/constraints.txt" --no-build-isolation deepspeed
   echo "$stamp" > "$VENV/.kubetune-stamp"
 fi
 
