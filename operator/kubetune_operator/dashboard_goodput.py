@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .dashboards import BY_JOB, JOB, JOB_LEGEND, NO_GPU, panel, row, target
+from .dashboard_parts import BY_JOB, JOB, JOB_LEGEND, NO_GPU, panel, row, target
 
 SEL = f"{{{JOB}}}"
 WORKER = f"max by ({BY_JOB}) (kubetune_job_worker_seconds_total{SEL})"

@@ -18,184 +18,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .dashboard_goodput import cost_panels, utilization_panels
+from .dashboard_parts import (
+    BY_JOB,
+    JOB,
+    JOB_LEGEND,
+    NO_DCGM,
+    NO_GPU,
+    NO_OPENCOST,
+    NO_TRAINER,
+    by_node,
+    dashboard,
+    dcgm_job,
+    node_join,
+    panel,
+    row,
+    target,
+)
+
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS_DIR = REPO / "charts" / "kubetune" / "dashboards"
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-
-# Label matchers of a job's series, and of a job's worker series.
-JOB = 'job_namespace=~"$job_namespace", finetunejob=~"$finetunejob"'
-BY_JOB = "job_namespace, finetunejob"
-JOB_LEGEND = "{{job_namespace}}/{{finetunejob}}"
-
-
-def _dcgm_by_pod(metric: str) -> str:
-    """A DCGM exporter series per GPU with the pod it is assigned to as `job_namespace`/`worker_pod`.
-    With the exporter's pod mapping, a ServiceMonitor without honorLabels renames its `pod` and
-    `namespace` to `exported_*`; with honorLabels they stay: both are tried (the exporter's own pod
-    never matches a trainer pod, so the wrong guess drops out of the join)."""
-    arms = [
-        f'label_replace(label_replace({metric}, "worker_pod", "$1", "{pod}", "(.+)"), '
-        f'"job_namespace", "$1", "{ns}", "(.+)")'
-        for pod, ns in (("exported_pod", "exported_namespace"), ("pod", "namespace"))
-    ]
-    return f"({arms[0]} or {arms[1]})"
-
-
-def _job_pods() -> str:
-    return f'max by ({BY_JOB}, worker_pod) (kubetune_job_pod_info{{{JOB}, worker_pod!=""}})'
-
-
-def _job_nodes() -> str:
-    return f'max by ({BY_JOB}, worker_node) (kubetune_job_pod_info{{{JOB}, worker_node!=""}})'
-
-
-def _dcgm_job(metric: str, scale: str = "") -> str:
-    """Mean of a DCGM gauge over the GPUs assigned to each job's worker pods."""
-    return (
-        f"avg by ({BY_JOB}) (\n  {_dcgm_by_pod(metric)}{scale}\n"
-        f"  * on(job_namespace, worker_pod) group_left(finetunejob)\n  {_job_pods()}\n)"
-    )
-
-
-def _node_join(node_series: str) -> str:
-    """A per-node value (by `worker_node`) for each node a job's pods run on."""
-    return f"{_job_nodes()}\n* on(worker_node) group_left()\n{node_series}"
-
-
-def _by_node(metric: str, scale: str = "") -> str:
-    """Mean of a node exporter's per-GPU gauge by node, its `Hostname` (DCGM: the node name) or `node`
-    label read as `worker_node`."""
-    arms = " or ".join(
-        f'label_replace({metric}, "worker_node", "$1", "{label}", "(.+)")' for label in ("Hostname", "node")
-    )
-    return f"avg by (worker_node) ({arms}){scale}"
-
-
-# ---- panels ------------------------------------------------------------------------------------------
-def target(expr: str, legend: str = JOB_LEGEND, *, instant: bool = False, ref: str = "A") -> dict[str, Any]:
-    out: dict[str, Any] = {"refId": ref, "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
-    if instant:
-        out.update(instant=True, range=False)
-    return out
-
-
-def panel(
-    title: str,
-    description: str,
-    unit: str,
-    targets: list[dict[str, Any]],
-    *,
-    kind: str = "timeseries",
-    width: int = 12,
-    height: int = 8,
-    no_value: str | None = None,
-    **options: Any,
-) -> dict[str, Any]:
-    defaults: dict[str, Any] = {"unit": unit}
-    if unit == "percentunit":
-        defaults.update(min=0, max=1)
-    if no_value:
-        defaults["noValue"] = no_value
-    out: dict[str, Any] = {
-        "type": kind,
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "gridPos": {"w": width, "h": height},
-        "fieldConfig": {"defaults": defaults, "overrides": []},
-        "targets": targets,
-    }
-    if kind == "timeseries":
-        out["options"] = {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}}
-    else:
-        out["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
-    out["options"].update(options)
-    return out
-
-
-def row(title: str) -> dict[str, Any]:
-    return {"type": "row", "title": title, "collapsed": False, "gridPos": {"w": 24, "h": 1}, "panels": []}
-
-
-def _layout(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ids and grid positions: panels fill rows of 24 columns left to right."""
-    x = y = row_height = 0
-    for i, p in enumerate(panels, start=1):
-        w, h = p["gridPos"]["w"], p["gridPos"]["h"]
-        if x + w > 24 or p["type"] == "row":
-            x, y, row_height = 0, y + row_height, 0
-        p["id"] = i
-        p["gridPos"] = {"x": x, "y": y, "w": w, "h": h}
-        x, row_height = x + w, max(row_height, h)
-        if p["type"] == "row":
-            x, y, row_height = 0, y + h, 0
-    return panels
-
-
-def _variables() -> list[dict[str, Any]]:
-    def query_var(name: str, label: str, query: str) -> dict[str, Any]:
-        return {
-            "type": "query",
-            "name": name,
-            "label": label,
-            "datasource": DATASOURCE,
-            "query": query,  # a string: what every Grafana version since 7 reads
-            "definition": query,
-            "refresh": 2,  # on time range change: new jobs appear
-            "multi": True,
-            "includeAll": True,
-            "allValue": ".*",
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-            "sort": 1,
-        }
-
-    return [
-        {
-            "type": "datasource",
-            "name": "datasource",
-            "label": "Prometheus",
-            "query": "prometheus",
-            "refresh": 1,
-            "current": {},
-        },
-        query_var("job_namespace", "Namespace", "label_values(kubetune_job_info, job_namespace)"),
-        query_var(
-            "finetunejob",
-            "FineTuneJob",
-            'label_values(kubetune_job_info{job_namespace=~"$job_namespace"}, finetunejob)',
-        ),
-    ]
-
-
-def dashboard(uid: str, title: str, description: str, panels: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "uid": uid,
-        "title": title,
-        "description": description,
-        "tags": ["kubetune"],
-        "editable": True,
-        "graphTooltip": 1,
-        "refresh": "30s",
-        "schemaVersion": 39,
-        "time": {"from": "now-6h", "to": "now"},
-        "timezone": "browser",
-        "templating": {"list": _variables()},
-        "annotations": {"list": []},
-        "links": [
-            {"type": "dashboards", "tags": ["kubetune"], "title": "kubetune", "asDropdown": True, "includeVars": True}
-        ],
-        "panels": _layout(panels),
-    }
-
-
-NO_TRAINER = "No data (no trainer metrics: the PodMonitor, metrics.podMonitor.enabled)"
-NO_GPU = "No data (no GPU: NVML series come from trainers on GPU nodes)"
-NO_DCGM = "No data (no DCGM exporter series)"
-NO_OPENCOST = "No data (no OpenCost series)"
 
 
 def utilization() -> dict[str, Any]:
-    from .dashboard_goodput import utilization_panels  # (it builds on this module's parts)
 
     trainer = f"{{{JOB}}}"
     return dashboard(
@@ -326,7 +171,7 @@ def utilization() -> dict[str, Any]:
                 "DCGM_FI_DEV_GPU_UTIL of the GPUs the DCGM exporter assigns to the job's worker pods (its "
                 "Kubernetes pod mapping), joined through kubetune_job_pod_info.",
                 "percentunit",
-                [target(_dcgm_job("DCGM_FI_DEV_GPU_UTIL", " / 100"))],
+                [target(dcgm_job("DCGM_FI_DEV_GPU_UTIL", " / 100"))],
                 no_value=NO_DCGM,
             ),
             panel(
@@ -334,7 +179,7 @@ def utilization() -> dict[str, Any]:
                 "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE (share of cycles the tensor pipes are busy) of the job's GPUs: "
                 "high utilization with low tensor activity means the GPU waits on memory or small kernels.",
                 "percentunit",
-                [target(_dcgm_job("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"))],
+                [target(dcgm_job("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"))],
                 no_value=NO_DCGM,
             ),
             panel(
@@ -342,7 +187,7 @@ def utilization() -> dict[str, Any]:
                 "Mean DCGM_FI_DEV_GPU_UTIL of every GPU on each node the job's pods run on (the exporter's "
                 "Hostname, or a node label, read as worker_node): includes other workloads on a shared node.",
                 "percentunit",
-                [target(_node_join(_by_node("DCGM_FI_DEV_GPU_UTIL", " / 100")), f"{JOB_LEGEND} {{{{worker_node}}}}")],
+                [target(node_join(by_node("DCGM_FI_DEV_GPU_UTIL", " / 100")), f"{JOB_LEGEND} {{{{worker_node}}}}")],
                 width=24,
                 no_value=NO_DCGM,
             ),
@@ -351,7 +196,6 @@ def utilization() -> dict[str, Any]:
 
 
 def cost() -> dict[str, Any]:
-    from .dashboard_goodput import cost_panels
 
     sel = f"{{{JOB}}}"
     usd = f"max by ({BY_JOB}) (kubetune_job_cost_usd_total{sel})"
@@ -497,7 +341,7 @@ def cost() -> dict[str, Any]:
                 "OpenCost's node_gpu_hourly_cost (USD per GPU-hour) of each node the job's pods run on, to compare "
                 "with the operator's price table (cost.gpuPrices).",
                 "suffix: USD/GPU-h",
-                [target(_node_join(_by_node("node_gpu_hourly_cost")), f"{JOB_LEGEND} {{{{worker_node}}}}")],
+                [target(node_join(by_node("node_gpu_hourly_cost")), f"{JOB_LEGEND} {{{{worker_node}}}}")],
                 no_value=NO_OPENCOST,
             ),
             panel(
@@ -509,7 +353,7 @@ def cost() -> dict[str, Any]:
                     target(
                         f"sum by ({BY_JOB}) (rate(kubetune_job_gpu_seconds_total{sel}[$__rate_interval]))\n"
                         f"* on(job_namespace, finetunejob)\navg by ({BY_JOB}) (\n"
-                        f"{_node_join(_by_node('node_gpu_hourly_cost'))}\n)",
+                        f"{node_join(by_node('node_gpu_hourly_cost'))}\n)",
                         f"{JOB_LEGEND} OpenCost",
                     ),
                     target(
