@@ -11,28 +11,14 @@ import pytest
 from kubetune_contract.progress import ExitCode
 from kubetune_contract.sizing import SizingRecord
 from kubetune_dev.jobs import job_manifest
+from kubetune_dev.model_shapes import LLAMA3_8B as LLAMA_8B
+from kubetune_dev.model_shapes import LLAMA3_70B as LLAMA_70B
 from tests.fixtures.control_plane import wait_for
 
 from .test_operator import finish_pod, jobs, phase, pod_names, running_pod, s3_port, spec  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.cluster
 A100 = "NVIDIA-A100-SXM4-80GB"
-LLAMA_8B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-}
-LLAMA_70B = {
-    **LLAMA_8B,
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-}
 GPU = {"resources": {"gpus": 1, "gpuType": A100}, "training": {"precision": "bf16", "gradientCheckpointing": True}}
 
 

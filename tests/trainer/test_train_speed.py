@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kubetune_contract.config import LoraSpec, TrainerConfig
+from kubetune_dev.model_shapes import LLAMA3_8B
 from kubetune_dev.trainer_inputs import trainer_config
 from kubetune_trainer import attention as A
 from kubetune_trainer import model as M
@@ -233,20 +234,11 @@ def test_checkpointing_modes_change_which_layers_recompute_not_the_gradients(tin
 
 def test_auto_checkpointing_is_off_on_cpu_and_sized_to_the_gpu(tiny_model_dir):
     cfg = _cfg(tiny_model_dir, gradientCheckpointing="auto", batchSize=8, maxSeqLength=4096)
-    llama_8b = {
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-    }
-    assert speed.resolve_checkpointing(cfg, llama_8b, cuda=False, capacity_gib=None) == ("never", 1)
-    assert speed.resolve_checkpointing(cfg, llama_8b, cuda=True, capacity_gib=1000.0) == ("never", 1)
-    assert speed.resolve_checkpointing(cfg, llama_8b, cuda=True, capacity_gib=79.6)[0] in ("always", "offload")
+    assert speed.resolve_checkpointing(cfg, LLAMA3_8B, cuda=False, capacity_gib=None) == ("never", 1)
+    assert speed.resolve_checkpointing(cfg, LLAMA3_8B, cuda=True, capacity_gib=1000.0) == ("never", 1)
+    assert speed.resolve_checkpointing(cfg, LLAMA3_8B, cuda=True, capacity_gib=79.6)[0] in ("always", "offload")
     explicit = _cfg(tiny_model_dir, gradientCheckpointing="always", gradientCheckpointingEveryNLayers=3)
-    assert speed.resolve_checkpointing(explicit, llama_8b, cuda=False, capacity_gib=None) == ("always", 3)
+    assert speed.resolve_checkpointing(explicit, LLAMA3_8B, cuda=False, capacity_gib=None) == ("always", 3)
     model = M.load_model(
         str(tiny_model_dir),
         _cfg(tiny_model_dir, gradientCheckpointing="auto"),

@@ -7,6 +7,8 @@ import datetime as dt
 
 from kubetune_contract.progress import ExitCode, ProgressRecord
 from kubetune_contract.sizing import DatasetFacts, SizingRecord
+from kubetune_dev.model_shapes import LLAMA3_8B as LLAMA_8B
+from kubetune_dev.model_shapes import LLAMA3_70B as LLAMA_70B
 from kubetune_operator.decide import decide
 from kubetune_operator.decide_sizing import SIZING_TIMEOUT_SECONDS
 from kubetune_operator.views import PodView
@@ -15,23 +17,6 @@ from .test_decide import T0, after, job, observe
 
 L4 = {"gpus": 1, "gpuType": "NVIDIA-L4"}
 A100 = {"gpus": 1, "gpuType": "NVIDIA-A100-SXM4-80GB"}
-# Llama-3.1 shapes (config.json keys).
-LLAMA_8B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-}
-LLAMA_70B = {
-    **LLAMA_8B,
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-}
 PRICES = (1.60, 4.10)
 
 

@@ -13,19 +13,10 @@ import yaml
 from kubetune_contract.config import LoraSpec, TrainingSpec
 from kubetune_contract.estimate import AUTO_CHECKPOINTING, EstimateError, ModelArch, Plan, estimate, memory
 from kubetune_contract.gpus import GIB, memory_gib_for, peak_flops_for
+from kubetune_dev.model_shapes import LLAMA3_8B
 from kubetune_operator import cli
 from kubetune_trainer import mfu
 
-LLAMA3_8B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "tie_word_embeddings": False,
-}
 MISTRAL_7B = LLAMA3_8B | {"model_type": "mistral", "vocab_size": 32000}
 QWEN25_05B = {
     "model_type": "qwen2",
