@@ -181,7 +181,7 @@ build_image() {  # name dockerfile [context]
   t0=$(now)
   log "buildah bud -f $file -t $tag"
   # --network host: RUN steps need PyPI, and buildah's default CNI network would bring up
-  # cni-podman0 on 10.88.0.0/16, the local node's pod CIDR.
+  # cni-podman0 on 10.88.0.0/16 on the host (the node avoids that range and removes the bridge).
   # --layers: unchanged steps (the big dependency install) are reused between builds.
   # Build-time only (never in a layer): pip's cache, and the host's CA bundle + a pip.conf using
   # it, so RUN steps get through a TLS-intercepting egress proxy the way the host does.

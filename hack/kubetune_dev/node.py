@@ -69,6 +69,9 @@ APT_PACKAGES = {
     **imagestore.PAUSE_BUILD_PACKAGES,
 }
 COMPONENTS = ("containerd", "kubelet", "kube-proxy")
+# kind's default pod CIDR; not podman/buildah's default network (10.88.0.0/16, cni-podman0), which a
+# `buildah run` without --network host brings up on the host and which then swallows pod traffic.
+POD_CIDR = "10.244.0.0/16"
 
 
 class LocalNode:
@@ -94,7 +97,7 @@ class LocalNode:
         ca_key: str | Path,
         apiserver_url: str,
         node_name: str = "kubetune-node",
-        pod_cidr: str = "10.88.0.0/16",
+        pod_cidr: str = POD_CIDR,
         *,
         bin_dir: str | Path | None = None,
         node_ip: str | None = None,
@@ -163,6 +166,7 @@ class LocalNode:
         self._save_meta()
         snapshotter = "overlayfs" if overlay_supported(self.dir) else "native"
         self._save_meta(snapshotter=snapshotter)
+        self.network.check_routes()
         self.network.write_config()
         self.containerd.write_config(snapshotter, self.pause_image, self.network.conf_dir)
         self.network.ensure_masquerade()
@@ -477,7 +481,7 @@ def _node_from_args(a: argparse.Namespace) -> LocalNode:
         a.ca_key or meta.get("ca_key") or state / "pki" / "ca.key",
         apiserver,
         node_name=a.node_name or meta.get("node_name", "kubetune-node"),
-        pod_cidr=a.pod_cidr or meta.get("pod_cidr", "10.88.0.0/16"),
+        pod_cidr=a.pod_cidr or meta.get("pod_cidr", POD_CIDR),
         bin_dir=a.bin_dir or meta.get("bin_dir"),
         images=getattr(a, "image", None) or (),
     )

@@ -26,6 +26,32 @@ class PodNetwork:
         self.name = f"kubetune-{ident}"
         self.masq_comment = f"kubetune-node {ident} pod masquerade"
 
+    def check_routes(self) -> None:
+        """No other interface may route the pod CIDR: the host would send pod traffic there ("no route
+        to host" from probes, the operator's API calls timing out). A leftover buildah/podman bridge
+        (`cni-podman*`, down) is removed; anything else is an error naming it."""
+        import ipaddress
+
+        out = subprocess.run(["ip", "-j", "route", "show"], capture_output=True, text=True)
+        ours = ipaddress.ip_network(self.pod_cidr)
+        for route in json.loads(out.stdout or "[]"):
+            dev, dst = route.get("dev", ""), route.get("dst", "")
+            if dev == self.bridge or dst in ("", "default"):
+                continue
+            try:
+                overlaps = ipaddress.ip_network(dst, strict=False).overlaps(ours)
+            except ValueError:
+                continue
+            if not overlaps:
+                continue
+            if dev.startswith("cni-podman"):
+                print(f"[localnode] removing {dev} ({dst}): it routes the pod CIDR {ours}", flush=True)
+                run(["ip", "link", "delete", dev])
+                continue
+            raise RuntimeError(
+                f"{dev} routes {dst}, which overlaps the node's pod CIDR {ours}: remove it or pick another pod_cidr"
+            )
+
     def write_config(self) -> None:
         for d in (self.conf_dir, self.ipam_dir):
             d.mkdir(parents=True, exist_ok=True)
