@@ -57,6 +57,7 @@ OPERATOR_SET = frozenset(
         WORK_DIR,
         HF_HOME,
         TMPDIR,
+        TRITON_HOME,
         JOB_COST,
         S3_ACCESS_KEY,
         S3_SECRET_KEY,

@@ -27,7 +27,7 @@ import pynvml  # noqa: E402,F401
 
 out["imports"] = "ok"
 
-os.environ["DS_ACCELERATOR"] = "cpu"
+os.environ.update(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
 import deepspeed  # noqa: E402
 import deepspeed.git_version_info as dsinfo  # noqa: E402
 import torch  # noqa: E402
@@ -39,6 +39,10 @@ loads: list[str] = []
 
 
 def _trap(self, *a, **k):
+    if self.name == "deepspeed_shm_comm":
+        # the CPU accelerator's (this probe's, not a GPU pod's: CUDA uses NCCL) shared-memory comm op
+        # for collectives; DeepSpeed runs without it when it is None
+        return None
     loads.append(self.name)
     raise RuntimeError(f"DeepSpeed op {self.name} would be loaded/JIT-compiled")
 
