@@ -6,7 +6,11 @@
 #     base                     Debian ($DEBIAN_SUITE, debootstrap minbase) + python3 + a venv at
 #                              /opt/venv on PATH, as $BASE_IMAGE; rootfs tarball cached
 #     operator | trainer       buildah bud -f Dockerfile.<name> --build-arg BASE_IMAGE=$BASE_IMAGE
-#                              -t localhost/kubetune-<name>:<version>, then export + load
+#                              -t localhost/kubetune-<name>:<version>, then export + load; `trainer`
+#                              is the lean CPU image (EXTRAS=trainer,gpu, no apt packages)
+#     trainer-gpu              Dockerfile.trainer's defaults, the GPU image (+ qlora, deepspeed, liger,
+#                              datasets, gcc): localhost/kubetune-trainer-gpu:<version>; shares the
+#                              torch layer with `trainer`. apt reaches Debian ($DEBIAN_MIRROR) in its build
 #     all                      base operator trainer
 #     wheelhouse               pip download every pin of hack/constraints.txt (torch included)
 #                              into the wheelhouse, with the base image's pip
@@ -172,7 +176,7 @@ ensure_wheelhouse() {
 }
 
 # ---- (b) application images ----------------------------------------------------------------------
-build_image() {  # name dockerfile [context]
+build_image() {  # name dockerfile [context]; extra `buildah bud` arguments in the array BUD_ARGS
   local name=$1 file=$2 context=${3:-$repo} tag t0
   tag=localhost/kubetune-$name:$VERSION
   [ -f "$file" ] || die "$file not found"
@@ -188,7 +192,7 @@ build_image() {  # name dockerfile [context]
   local vols; build_volumes
   local previous; previous=$(image_id "$tag")
   buildah bud --layers --network host \
-    --build-arg BASE_IMAGE="$BASE_IMAGE" "${vols[@]}" \
+    --build-arg BASE_IMAGE="$BASE_IMAGE" "${vols[@]}" ${BUD_ARGS[@]+"${BUD_ARGS[@]}"} \
     -f "$file" -t "$tag" "$context" >&2
   log "built $tag in $(( $(now) - t0 ))s"
   remove_replaced "$previous" "$(image_id "$tag")"
@@ -263,15 +267,19 @@ done
 [ ${#args[@]} -gt 0 ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2; }
 [ -n "$VERSION" ] || VERSION=$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' "$repo/pyproject.toml" | head -1)
 ensure_tools
-BUILT=()
+BUILT=() BUD_ARGS=()
 set -- "${args[@]}"
 while [ $# -gt 0 ]; do
   case $1 in
     base) build_base; shift ;;
     wheelhouse) build_wheelhouse; shift ;;
     operator|trainer)
+      BUD_ARGS=()
+      # Dockerfile.trainer's defaults are the GPU image; the `trainer` target is the lean CPU one
+      [ "$1" = trainer ] && BUD_ARGS=(--build-arg EXTRAS=trainer,gpu --build-arg APT_PACKAGES=)
       if [ -f "$repo/Dockerfile.$1" ]; then build_image "$1" "$repo/Dockerfile.$1"; else log "skip $1: no Dockerfile.$1"; fi
-      shift ;;
+      BUD_ARGS=(); shift ;;
+    trainer-gpu) BUD_ARGS=(); build_image trainer-gpu "$repo/Dockerfile.trainer"; shift ;;
     all) set -- base operator trainer "${@:2}" ;;
     build) [ $# -ge 3 ] || die "build NAME DOCKERFILE [CONTEXT]"
       if [ $# -ge 4 ] && [ -d "$4" ]; then build_image "$2" "$3" "$4"; shift 4; else build_image "$2" "$3"; shift 3; fi ;;

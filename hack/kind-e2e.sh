@@ -25,9 +25,9 @@ trap '[ -n "${KEEP:-}" ] || kind delete cluster --name "$CLUSTER"' EXIT
 
 # Spot label on the worker, as the local node has it.
 kubectl --kubeconfig "$repo/.kind-kubeconfig" label node --all karpenter.sh/capacity-type=spot --overwrite
-# Same Dockerfiles, the default (registry) base image.
+# Same Dockerfiles, the default (registry) base image; the lean CPU trainer image (as hack/images.sh trainer).
 docker build -f "$repo/Dockerfile.operator" -t "localhost/kubetune-operator:$VERSION" "$repo"
-docker build -f "$repo/Dockerfile.trainer" -t "localhost/kubetune-trainer:$VERSION" "$repo"
+docker build -f "$repo/Dockerfile.trainer" --build-arg EXTRAS=trainer,gpu --build-arg APT_PACKAGES= -t "localhost/kubetune-trainer:$VERSION" "$repo"
 kind load docker-image --name "$CLUSTER" "localhost/kubetune-operator:$VERSION" "localhost/kubetune-trainer:$VERSION"
 
 KUBETUNE_E2E_KUBECONFIG="$repo/.kind-kubeconfig" "${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/venv/bin/python" \

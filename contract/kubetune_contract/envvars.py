@@ -20,6 +20,7 @@ METRICS_PORT = "KUBETUNE_METRICS_PORT"  # default layout.METRICS_PORT; 0 = any f
 WORK_DIR = "KUBETUNE_WORK_DIR"  # local scratch for the model, data and checkpoint staging
 HF_HOME = "HF_HOME"  # Hugging Face cache, on scratch
 TMPDIR = "TMPDIR"  # temp files, on scratch (the root filesystem may be read-only)
+TRITON_HOME = "TRITON_HOME"  # Triton's kernel and launcher cache (~/.triton otherwise), on scratch
 JOB_COST = "KUBETUNE_JOB_COST"  # JSON (jobcost.JobCostSoFar): the earlier attempts' goodput and cost, for the card
 # S3 credentials come from the user's Secret through these standard names (boto3 reads them).
 S3_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
@@ -56,6 +57,7 @@ OPERATOR_SET = frozenset(
         WORK_DIR,
         HF_HOME,
         TMPDIR,
+        TRITON_HOME,
         JOB_COST,
         S3_ACCESS_KEY,
         S3_SECRET_KEY,

@@ -19,6 +19,7 @@ MESSAGE_MAX_CHARS = 2048  # ProgressRecord.message; longer ones are cut (status 
 SCRATCH_DIR = "/scratch"
 SCRATCH_WORK_DIR = f"{SCRATCH_DIR}/kubetune"
 SCRATCH_HF_HOME = f"{SCRATCH_DIR}/hf"
+SCRATCH_TRITON_HOME = f"{SCRATCH_DIR}/triton"  # torch.compile / Liger kernels, not the image's $HOME
 DEFAULT_WORK_DIR = "/tmp/kubetune"  # outside a pod (tests, a laptop)
 
 # pvc://claim/path URIs: the operator mounts claim <claim> (read-only) at PVC_MOUNT_ROOT/<claim>,

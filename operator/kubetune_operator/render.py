@@ -139,6 +139,7 @@ SCRATCH_ENV: list[dict[str, Any]] = [
     {"name": envvars.HF_HOME, "value": layout.SCRATCH_HF_HOME},
     {"name": envvars.WORK_DIR, "value": layout.SCRATCH_WORK_DIR},
     {"name": envvars.TMPDIR, "value": layout.SCRATCH_DIR},
+    {"name": envvars.TRITON_HOME, "value": layout.SCRATCH_TRITON_HOME},
 ]
 SECURITY_CONTEXT = {
     "allowPrivilegeEscalation": False,
