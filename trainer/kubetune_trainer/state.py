@@ -214,7 +214,7 @@ def safe_load(path: Path, map_location: Any = None) -> Any:
     import numpy as np
     import torch
 
-    from numpy._core.multiarray import _reconstruct  # type: ignore[import-not-found]
+    from numpy._core.multiarray import _reconstruct
 
     allowed = [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
     try:
