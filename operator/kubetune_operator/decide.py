@@ -400,7 +400,7 @@ def _start_attempt(
             d.ensure_config = d.ensure_config or sizing.create_pod is not None  # the sizing pod reads it
             d.create_sizing_pod, d.keep_sizing_pod = sizing.create_pod, sizing.keep_pod
             return d
-    set_condition(st, "Ready", True, "PreflightPassed", "Secret and S3 endpoint look usable", now, gen)
+    set_condition(st, "Ready", True, "PreflightPassed", "pass-through fields allowed; S3 endpoint reachable", now, gen)
     if older_alive:
         # The previous attempt's pods are still writing their final checkpoint: wait for them.
         d.delete_pods += [p.name for p in older_alive if not p.deleting]

@@ -118,16 +118,6 @@ class Kube:
             if e.status != 404:
                 raise
 
-    def get_secret(self, namespace: str, name: str) -> Any | None:
-        """The Secret (a V1Secret), or None when there is none; other errors (403 too) raise."""
-        try:
-            with self._request("get", "secrets"):
-                return self.core.read_namespaced_secret(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
 
 def load_client_config() -> None:
     """In-cluster credentials, else $KUBECONFIG as it is now (the client library's default path is

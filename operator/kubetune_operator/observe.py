@@ -3,8 +3,8 @@
 Most of it comes from memory: kopf indexes hold every job, worker pod and node (`Indexes`), and
 `pod_view`/`node_view` turn raw objects into views as kopf fills them. Only a few reads go out,
 each only when needed: a GET of a pod the status records but the index lacks (its watch event may
-still be in flight, or another operator instance created it), the credentials Secret and a TCP
-connect to the S3 endpoint before an attempt starts, and rank 0's /progress during a sweep. The
+still be in flight, or another operator instance created it), a TCP connect to the S3
+endpoint before an attempt starts, and rank 0's /progress during a sweep. The
 job's sizing pod (render.sizing_pod) is in the same index; `observe` keeps it apart from the workers.
 """
 
@@ -20,14 +20,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 import kopf
-from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kubetune_contract.config import SecretKeyRefs
 from kubetune_contract.layout import METRICS_PORT
 from kubetune_contract.progress import ProgressRecord
 
-from . import api
+from . import api, policy
 from .context import OperatorContext
 from .cost import gpu_hour_prices, price_per_hour
 from .kube import Kube
@@ -234,38 +232,14 @@ def polled_progress(job: dict[str, Any], pods: tuple[PodView, ...], attempt: int
 
 
 def preflight_problem(ctx: OperatorContext, namespace: str, spec: api.FineTuneJobSpec) -> tuple[str, str] | None:
-    """(reason, message) when the job cannot start yet: its Secret or S3 endpoint is unusable."""
-    problem = None
-    if spec.s3.credentials_secret:
-        problem = secret_problem(ctx.kube, namespace, spec.s3.credentials_secret)
+    """(reason, message) when the job cannot start yet: a pass-through field the platform's policy
+    refuses (policy.py), or its S3 endpoint is unusable. The credentials Secret is not read: the
+    operator holds no Secret access, and the kubelet reports a missing Secret or key itself
+    (CreateContainerConfigError, which reaches the Running condition)."""
+    problem = policy.violation(spec, ctx.settings.pod_policy, ctx.settings.trainer_image)
     if problem is None and ctx.settings.preflight_s3_endpoint:
         problem = s3_endpoint_problem(spec.s3.endpoint)
     return problem
-
-
-def secret_problem(kube: Kube, namespace: str, ref: SecretKeyRefs) -> tuple[str, str] | None:
-    """(reason, message) when the credentials Secret or one of its keys is missing."""
-    try:
-        secret = kube.get_secret(namespace, ref.name)
-    except ApiException as e:
-        if e.status == 403:
-            return None  # not allowed to look: the kubelet will report it if it is really missing
-        raise
-    if secret is None:
-        return (
-            "SecretNotFound",
-            f"Secret {ref.name!r} (spec.s3.credentialsSecret.name) not found in namespace "
-            f"{namespace!r}; create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}",
-        )
-    keys = set((secret.data or {}) | (secret.string_data or {}))
-    missing = [k for k in (ref.access_key_id_key, ref.secret_access_key_key) if k not in keys]
-    if missing:
-        return (
-            "SecretKeyMissing",
-            f"Secret {ref.name!r} has no key(s) {', '.join(missing)} "
-            f"(spec.s3.credentialsSecret); it has: {', '.join(sorted(keys)) or 'none'}",
-        )
-    return None
 
 
 def s3_endpoint_problem(endpoint: str | None, timeout: float = 2.0) -> tuple[str, str] | None:

@@ -224,14 +224,18 @@ def test_every_settings_value_reaches_the_operator():
         "placement.spotTolerations": [{"key": "spot", "operator": "Exists"}],
         "placement.gpuResource": "amd.com/gpu",
         "placement.gpuTypeLabel": "gpu.product",
-        "cost.gpuPrices": {"NVIDIA-L4": {"on-demand": 0.7, "spot": 0.3}},
+        "cost.gpuPrices": {"default": {"on-demand": 2.0}, "NVIDIA-L4": {"on-demand": 0.7, "spot": 0.3}},
         "cost.cpuHourPrice": 0.05,
         "progressPollSeconds": 2.5,
         "preflightS3Endpoint": False,
+        "podPolicy": {"allowedImagePrefixes": ["reg.example/"], "allowEnvSecretRefs": False},
         "metrics.port": 9090,
     }
     assert set(overrides) == set(SETTINGS_PATHS.values())
     args = [a for path, value in overrides.items() for a in ("--set-json", f"{path}={json.dumps(value)}")]
     settings = Settings.from_env(_env(helm_template(*args).stdout))
     for name, path in SETTINGS_PATHS.items():
-        assert getattr(settings, name) == overrides[path], name
+        value = getattr(settings, name)
+        if hasattr(value, "model_dump"):  # podPolicy: a model
+            value = value.model_dump(by_alias=True, exclude_defaults=True)
+        assert value == overrides[path], name
