@@ -194,6 +194,8 @@ def parse_spec(job: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, str | N
     except ValidationError as e:
         first = e.errors()[0]
         where = "spec." + ".".join(str(p) for p in first["loc"])
+        if first["type"] == "value_error":  # schema-valid but unusable (an endpoint, an affinity shape)
+            return None, f"{where}: {first['msg'].removeprefix('Value error, ')}"
         return None, f"{where}: {first['msg']} (the CRD installed may be older than the operator)"
 
 

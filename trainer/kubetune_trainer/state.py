@@ -213,7 +213,6 @@ def safe_load(path: Path, map_location: Any = None) -> Any:
     the next attempt (a pickle's other globals are refused: UnpicklingError, a user error)."""
     import numpy as np
     import torch
-
     from numpy._core.multiarray import _reconstruct
 
     allowed = [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
