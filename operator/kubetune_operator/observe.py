@@ -10,10 +10,13 @@ job's sizing pod (render.sizing_pod) is in the same index; `observe` keeps it ap
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import logging
 import socket
-import urllib.request
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -248,24 +251,60 @@ def s3_endpoint_problem(endpoint: str | None, timeout: float = 2.0) -> tuple[str
     """A TCP connect to the S3 endpoint: unreachable endpoints fail here, not after a pod starts."""
     if not endpoint:
         return None
-    url = urlparse(endpoint)
+    url = urlparse(endpoint)  # validated by the spec model (S3Spec): a host and a port in range
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
             return None
-    except OSError as e:
+    except OSError:
+        # Reachable or not, nothing more: the error's kind (refused, timed out, no route) would make
+        # the operator a port scanner of its own network for whoever creates jobs.
         return (
             "S3EndpointUnreachable",
-            f"cannot reach spec.s3.endpoint {endpoint} ({e.__class__.__name__}: {e}); "
+            f"cannot reach spec.s3.endpoint {endpoint} from the operator; "
             "check the URL, the Service/DNS name and network policies",
         )
 
 
-def fetch_progress(ip: str, port: int, timeout: float = 2.0) -> dict[str, Any] | None:
-    """GET the trainer's /progress; None when it cannot be reached (starting, or we are off-cluster)."""
+PROGRESS_DEADLINE_SECONDS = 2.0  # the whole call: connect, request, headers and body
+PROGRESS_MAX_BYTES = 64 * 1024  # a ProgressRecord is < 4 kB
+
+
+def fetch_progress(
+    ip: str, port: int, deadline: float = PROGRESS_DEADLINE_SECONDS, max_bytes: int = PROGRESS_MAX_BYTES
+) -> dict[str, Any] | None:
+    """GET the trainer's /progress; None when it cannot be reached (starting, or we are off-cluster)
+    or misbehaves. Bounded whatever the trainer does: one total deadline (a byte-by-byte drip does
+    not reset it), a capped body, no redirects followed (a 3xx is not progress), a reply that is
+    not HTTP or not JSON is None. The trainer's address is a pod IP the operator chose, not user input."""
+    start = time.monotonic()
+    conn = http.client.HTTPConnection(ip, port, timeout=deadline)
+    timer: threading.Timer | None = None
     try:
-        with urllib.request.urlopen(f"http://{ip}:{port}/progress", timeout=timeout) as r:
-            return json.loads(r.read())
-    except (OSError, ValueError) as e:
+        conn.connect()
+        sock = conn.sock
+        assert sock is not None
+        # The total deadline: whatever read is blocked then (a status line dripping in, a body) ends.
+        timer = threading.Timer(max(0.0, deadline - (time.monotonic() - start)), _shut, (sock,))
+        timer.daemon = True
+        timer.start()
+        conn.request("GET", "/progress", headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}")  # 3xx too: redirects are never followed
+        body = resp.read(max_bytes + 1)
+        if len(body) > max_bytes:
+            raise ValueError(f"reply over {max_bytes} bytes")
+        return json.loads(body)
+    except (OSError, ValueError, http.client.HTTPException) as e:
         log.debug("progress from %s unavailable: %s", ip, e)
         return None
+    finally:
+        if timer is not None:
+            timer.cancel()
+        conn.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
