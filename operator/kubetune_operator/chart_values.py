@@ -304,6 +304,23 @@ class Dashboards(_Values):
     )
 
 
+class NetworkPolicy(_Values):
+    enabled: bool = Field(
+        False,
+        description="Ship a NetworkPolicy per namespace in `namespaces`: only the operator (and the monitoring "
+        "namespace, for /metrics) reaches the trainers' port 9400; trainers of a job reach each other's rendezvous "
+        "port; other ingress to trainer pods is dropped (needs a CNI that enforces NetworkPolicy).",
+    )
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="The namespaces FineTuneJobs run in (a NetworkPolicy is namespaced); empty: "
+        "operator.watchNamespace when set.",
+    )
+    monitoring_namespace: str = Field(
+        "monitoring", description="Namespace of the Prometheus that scrapes trainers' /metrics (empty: none)."
+    )
+
+
 class ChartValues(_Values):
     global_: dict[str, Any] = Field(
         default_factory=dict,
@@ -321,6 +338,9 @@ class ChartValues(_Values):
     )
     preflight_s3_endpoint: bool = _setting("preflight_s3_endpoint")
     pod_policy: PodPolicy = _setting("pod_policy", note="docs/design/security.md.")
+    network_policy: NetworkPolicy = Field(
+        default_factory=NetworkPolicy, description="Who may reach trainer pods (docs/design/security.md)."
+    )
     metrics: Metrics = Field(default_factory=Metrics, description="The operator's Prometheus metrics.")
     dashboards: Dashboards = Field(
         default_factory=Dashboards, description="Grafana dashboards of the jobs' utilization and cost."
