@@ -211,6 +211,29 @@ class S3Spec(SpecModel):
         None, pattern=r"^https?://[^\s/]+(/.*)?$", max_length=512, description="Endpoint URL; empty means AWS."
     )
     region: str = Field("us-east-1", max_length=64)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        """A URL urllib and boto3 can use: a host, a port in range, no credentials in it (they would
+        be echoed into status and logs; use credentialsSecret)."""
+        if not v:
+            return v
+        from urllib.parse import urlsplit
+
+        try:
+            url = urlsplit(v)
+            port = url.port
+        except ValueError as e:
+            raise ValueError(f"not a usable URL ({e})") from None
+        if url.username is not None or url.password is not None:
+            raise ValueError("must not carry credentials (user:password@); use credentialsSecret")
+        if not url.hostname:
+            raise ValueError("has no host")
+        if port == 0:
+            raise ValueError("port 0 is not a port")
+        return v
+
     force_path_style: bool = Field(True, description="Path-style addressing (what MinIO needs).")
     credentials_secret: SecretKeyRefs | None = Field(
         None, description="Secret with the keys; omit to use the pod's ambient identity (IRSA, instance role)."

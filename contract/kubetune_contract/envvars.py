@@ -20,7 +20,10 @@ METRICS_PORT = "KUBETUNE_METRICS_PORT"  # default layout.METRICS_PORT; 0 = any f
 WORK_DIR = "KUBETUNE_WORK_DIR"  # local scratch for the model, data and checkpoint staging
 HF_HOME = "HF_HOME"  # Hugging Face cache, on scratch
 TMPDIR = "TMPDIR"  # temp files, on scratch (the root filesystem may be read-only)
-TRITON_HOME = "TRITON_HOME"  # Triton's kernel and launcher cache (~/.triton otherwise), on scratch
+XDG_CACHE_HOME = "XDG_CACHE_HOME"  # torch hub/extensions and other ~/.cache users, on scratch
+TRITON_CACHE_DIR = "TRITON_CACHE_DIR"  # Triton's compiled kernels (torch.compile, Liger), on scratch
+TRITON_HOME = "TRITON_HOME"  # Triton's ~/.triton, on scratch
+CUDA_CACHE_PATH = "CUDA_CACHE_PATH"  # the CUDA driver's JIT cache (~/.nv), on scratch
 JOB_COST = "KUBETUNE_JOB_COST"  # JSON (jobcost.JobCostSoFar): the earlier attempts' goodput and cost, for the card
 # S3 credentials come from the user's Secret through these standard names (boto3 reads them).
 S3_ACCESS_KEY = "AWS_ACCESS_KEY_ID"
@@ -57,7 +60,10 @@ OPERATOR_SET = frozenset(
         WORK_DIR,
         HF_HOME,
         TMPDIR,
+        XDG_CACHE_HOME,
+        TRITON_CACHE_DIR,
         TRITON_HOME,
+        CUDA_CACHE_PATH,
         JOB_COST,
         S3_ACCESS_KEY,
         S3_SECRET_KEY,

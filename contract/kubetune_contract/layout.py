@@ -19,8 +19,13 @@ MESSAGE_MAX_CHARS = 2048  # ProgressRecord.message; longer ones are cut (status 
 SCRATCH_DIR = "/scratch"
 SCRATCH_WORK_DIR = f"{SCRATCH_DIR}/kubetune"
 SCRATCH_HF_HOME = f"{SCRATCH_DIR}/hf"
-SCRATCH_TRITON_HOME = f"{SCRATCH_DIR}/triton"  # torch.compile / Liger kernels, not the image's $HOME
+SCRATCH_CACHE = f"{SCRATCH_DIR}/cache"  # XDG, Triton, CUDA and torch caches (the root filesystem is read-only)
 DEFAULT_WORK_DIR = "/tmp/kubetune"  # outside a pod (tests, a laptop)
+TMP_DIR = "/tmp"  # an emptyDir too: libraries that ignore TMPDIR still find it writable
+
+# The trainer image's user (Dockerfile.trainer): numeric, so Pod Security `restricted` can check runAsNonRoot.
+TRAINER_UID = 10001
+TRAINER_GID = 10001
 
 # pvc://claim/path URIs: the operator mounts claim <claim> (read-only) at PVC_MOUNT_ROOT/<claim>,
 # and the trainer reads <path> below it.

@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 from . import api, render
 from .context import JobKey, OperatorContext
 from .decide import Decision
-from .jobstatus import STATUS_KEYS, pod_rejected
+from .jobstatus import STATUS_KEYS, condition, pod_rejected
 from .kube import api_error_message
 from .metrics import JobInfo
 from .observe import read_job
@@ -73,14 +73,30 @@ def act(ctx: OperatorContext, job: dict[str, Any], spec: api.FineTuneJobSpec | N
 
 def _pod_rejected(ctx: OperatorContext, job: dict[str, Any], e: ApiException) -> None:
     """Something the user wrote (pass-through env/affinity, quota, priority class) made the API
-    server refuse the pod: say so on the job instead of retrying blindly."""
+    server refuse the pod: say so on the job instead of retrying blindly. Invalid fields (400/422)
+    and a Pod Security admission refusal (403 "violates PodSecurity": the namespace's level, which
+    retrying cannot change) fail the job; another 403 (a ResourceQuota) keeps it Pending, with one
+    Warning per new message, not one per sweep."""
     meta = job["metadata"]
     fresh = read_job(ctx, meta["namespace"], meta["name"]) or job
+    message = api_error_message(e)
+    pod_security = e.status == 403 and "violates PodSecurity" in message
+    before = condition(fresh.get("status") or {}, "Ready") or {}
     status = pod_rejected(
-        fresh.get("status") or {}, api_error_message(e), e.status != 403, utc_now(), meta.get("generation")
+        fresh.get("status") or {},
+        message,
+        e.status != 403 or pod_security,
+        utc_now(),
+        meta.get("generation"),
+        reason="PodSecurityViolation" if pod_security else "PodRejected",
     )
     ctx.own_writes.record(ctx.kube.patch_status(fresh, status))
-    post_event(job, "Warning", "PodRejected", status["message"])
+    after = condition(status, "Ready") or {}
+    if status.get("phase") == "Failed" or (before.get("reason"), before.get("message")) != (
+        after.get("reason"),
+        after.get("message"),
+    ):
+        post_event(job, "Warning", after.get("reason") or "PodRejected", status["message"])
 
 
 def post_event(job: dict[str, Any], type_: str, reason: str, message: str) -> None:

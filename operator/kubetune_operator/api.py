@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kubetune_contract.config import (
     CheckpointSpec,
@@ -149,6 +149,29 @@ class PodOverrides(SpecModel):
     )
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
+
+    @field_validator("affinity")
+    @classmethod
+    def _affinity_shape(cls, v: K8sObject | None) -> K8sObject | None:
+        """The shape render._affinity merges into (core/v1 Affinity), checked before any pod is built."""
+        for key, value in (v or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"affinity.{key} must be an object (core/v1 Affinity), not {type(value).__name__}")
+        node = (v or {}).get("nodeAffinity") or {}
+        required = node.get("requiredDuringSchedulingIgnoredDuringExecution")
+        if required is not None and not (
+            isinstance(required, dict)
+            and isinstance(required.get("nodeSelectorTerms", []), list)
+            and all(isinstance(t, dict) for t in required.get("nodeSelectorTerms", []))
+        ):
+            raise ValueError(
+                "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution must hold a "
+                "list of nodeSelectorTerms objects"
+            )
+        preferred = node.get("preferredDuringSchedulingIgnoredDuringExecution")
+        if preferred is not None and not (isinstance(preferred, list) and all(isinstance(t, dict) for t in preferred)):
+            raise ValueError("affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution must be a list")
+        return v
 
 
 class PreflightSpec(SpecModel):

@@ -12,10 +12,11 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
 
+from .policy import PodPolicy
 from .settings import Settings
 
 PullPolicy = Literal["Always", "IfNotPresent", "Never"]
@@ -110,9 +111,17 @@ class Cost(_Values):
         default_factory=dict,
         description='USD per GPU-hour by GPU product label, {TYPE: {on-demand: X, spot: Y}}; "default" covers the '
         "other types. Empty keeps the built-in list prices (DEFAULT_GPU_PRICES in operator/kubetune_operator/"
-        "settings.py).",
+        'settings.py). When set, it must have a "default" row (with on-demand).',
+        json_schema_extra={"if": {"minProperties": 1}, "then": {"required": ["default"]}},
     )
     cpu_hour_price: float = _setting("cpu_hour_price")
+
+    @field_validator("gpu_prices")
+    @classmethod
+    def _default_row(cls, prices: dict[str, GpuPrice]) -> dict[str, GpuPrice]:
+        if prices and "default" not in prices:
+            raise ValueError('cost.gpuPrices needs a "default" row (the price of the other GPU types)')
+        return prices
 
 
 # A Prometheus duration, as prometheus-operator's CRDs accept it ("30s", "1h30m", "0").
@@ -295,6 +304,23 @@ class Dashboards(_Values):
     )
 
 
+class NetworkPolicy(_Values):
+    enabled: bool = Field(
+        False,
+        description="Ship a NetworkPolicy per namespace in `namespaces`: only the operator (and the monitoring "
+        "namespace, for /metrics) reaches the trainers' port 9400; trainers of a job reach each other's rendezvous "
+        "port; other ingress to trainer pods is dropped (needs a CNI that enforces NetworkPolicy).",
+    )
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="The namespaces FineTuneJobs run in (a NetworkPolicy is namespaced); empty: "
+        "operator.watchNamespace when set.",
+    )
+    monitoring_namespace: str = Field(
+        "monitoring", description="Namespace of the Prometheus that scrapes trainers' /metrics (empty: none)."
+    )
+
+
 class ChartValues(_Values):
     global_: dict[str, Any] = Field(
         default_factory=dict,
@@ -311,6 +337,10 @@ class ChartValues(_Values):
         "progress_poll_seconds", note="In seconds; also the period of the deadline/TTL sweep."
     )
     preflight_s3_endpoint: bool = _setting("preflight_s3_endpoint")
+    pod_policy: PodPolicy = _setting("pod_policy", note="docs/design/security.md.")
+    network_policy: NetworkPolicy = Field(
+        default_factory=NetworkPolicy, description="Who may reach trainer pods (docs/design/security.md)."
+    )
     metrics: Metrics = Field(default_factory=Metrics, description="The operator's Prometheus metrics.")
     dashboards: Dashboards = Field(
         default_factory=Dashboards, description="Grafana dashboards of the jobs' utilization and cost."
@@ -332,5 +362,6 @@ SETTINGS_PATHS: dict[str, str] = {
     "cpu_hour_price": "cost.cpuHourPrice",
     "progress_poll_seconds": "progressPollSeconds",
     "preflight_s3_endpoint": "preflightS3Endpoint",
+    "pod_policy": "podPolicy",
     "metrics_port": "metrics.port",
 }

@@ -5,6 +5,7 @@ Nothing here is built at import time."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ class OperatorContext:
     own_writes: OwnWrites = field(default_factory=OwnWrites)
     locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)
     sweeper: asyncio.Task[None] | None = None  # the periodic sweep (handlers.start_sweep)
+    sweep_beat: float = field(default_factory=time.monotonic)  # when the sweep last moved (liveness)
 
     @classmethod
     def create(cls, settings: Settings) -> OperatorContext:

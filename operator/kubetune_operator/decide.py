@@ -55,6 +55,7 @@ WAITING_PROBLEMS = {
 }
 PERMANENT_WAITING = {"InvalidImage"}
 COST_STEP_SECONDS = 60.0
+PREFLIGHT_PASSED = "pass-through fields allowed; S3 endpoint reachable"
 
 
 @dataclass
@@ -400,7 +401,9 @@ def _start_attempt(
             d.ensure_config = d.ensure_config or sizing.create_pod is not None  # the sizing pod reads it
             d.create_sizing_pod, d.keep_sizing_pod = sizing.create_pod, sizing.keep_pod
             return d
-    set_condition(st, "Ready", True, "PreflightPassed", "Secret and S3 endpoint look usable", now, gen)
+    ready = condition(st, "Ready") or {}
+    if ready.get("reason") != "PodRejected":  # a refused pod (quota): Ready turns True once a pod exists
+        set_condition(st, "Ready", True, "PreflightPassed", PREFLIGHT_PASSED, now, gen)
     if older_alive:
         # The previous attempt's pods are still writing their final checkpoint: wait for them.
         d.delete_pods += [p.name for p in older_alive if not p.deleting]
@@ -451,6 +454,8 @@ def _observe_running(st: dict[str, Any], obs: Observed, d: Decision, current: li
             {"name": _pod_name(obs, attempt, rank), "rank": rank, "phase": "Creating", "attempt": attempt}
         )
 
+    if current and (condition(st, "Ready") or {}).get("reason") == "PodRejected":
+        set_condition(st, "Ready", True, "PreflightPassed", PREFLIGHT_PASSED, now, gen)
     problems = []
     for p in current:
         if p.unschedulable:

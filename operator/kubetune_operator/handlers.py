@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from . import act, api, metrics, render
 from .context import OperatorContext
 from .kube import load_client_config
 from .observe import Indexes, node_view, plain, pod_view
-from .reconcile import reconcile, sweep
+from .reconcile import reconcile, sweep, sweep_stuck
 from .settings import Settings
 from .views import NodeView, PodView
 
@@ -152,6 +153,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Reconciles block on HTTP calls in threads; the default pool (cores + 4) would serialise them.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="reconcile"))
     log.info("kubetune operator started: %s", options.model_dump_json())
+
+
+@kopf.on.probe(id="sweep")
+def sweep_alive(memo: kopf.Memo, **_: Any) -> str:
+    """/healthz: fails (HTTP 500) when the sweep is stuck (reconcile.sweep_stuck)."""
+    ctx: OperatorContext | None = memo.get("ctx")
+    problem = sweep_stuck(ctx, time.monotonic()) if ctx is not None else None
+    if problem:
+        raise RuntimeError(problem)
+    return "ok"
 
 
 @kopf.on.cleanup()

@@ -102,7 +102,12 @@ def final_record(pod: PodView) -> ProgressRecord | None:
 
 
 def pod_rejected(
-    status: dict[str, Any], message: str, permanent: bool, now: dt.datetime, generation: int | None
+    status: dict[str, Any],
+    message: str,
+    permanent: bool,
+    now: dt.datetime,
+    generation: int | None,
+    reason: str = "PodRejected",
 ) -> dict[str, Any]:
     """Status after the API server refused a trainer pod: invalid pass-through fields fail the
     job (retrying cannot help); a quota refusal (403) keeps it Pending with the reason."""
@@ -110,9 +115,10 @@ def pod_rejected(
     text = f"the API server rejected the trainer pod: {message}"
     if permanent:
         st.update(phase="Failed", message=text, completionTime=rfc3339(now))
-        set_condition(st, "Failed", True, "PodRejected", text, now, generation)
+        set_condition(st, "Failed", True, reason, text, now, generation)
+        set_condition(st, "Ready", False, reason, text, now, generation)
     else:
         st.update(phase=st.get("phase") or "Pending", message=text)
-        set_condition(st, "Ready", False, "PodRejected", text, now, generation)
+        set_condition(st, "Ready", False, reason, text, now, generation)
     st.pop("workers", None)
     return st

@@ -16,6 +16,17 @@ from prometheus_client import Counter
 
 from . import api
 
+API_REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds for every call below: none may hang a pass
+
+
+class _TimeoutApiClient(kubernetes.client.ApiClient):
+    """An ApiClient whose requests time out unless a call sets its own _request_timeout."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("_request_timeout") is None:
+            kwargs["_request_timeout"] = API_REQUEST_TIMEOUT
+        return super().request(*args, **kwargs)
+
 
 class Kube:
     """`requests`: a Counter labelled (verb, resource, result) that every call below increments."""
@@ -24,7 +35,7 @@ class Kube:
         if client is None:
             config = kubernetes.client.Configuration.get_default_copy()
             config.connection_pool_maxsize = 32  # as many as reconcile threads
-            client = kubernetes.client.ApiClient(config)
+            client = _TimeoutApiClient(config)
         self.client = client
         self.core = kubernetes.client.CoreV1Api(self.client)
         self.custom = kubernetes.client.CustomObjectsApi(self.client)
@@ -117,16 +128,6 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
-
-    def get_secret(self, namespace: str, name: str) -> Any | None:
-        """The Secret (a V1Secret), or None when there is none; other errors (403 too) raise."""
-        try:
-            with self._request("get", "secrets"):
-                return self.core.read_namespaced_secret(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
 
 
 def load_client_config() -> None:

@@ -3,31 +3,32 @@
 Most of it comes from memory: kopf indexes hold every job, worker pod and node (`Indexes`), and
 `pod_view`/`node_view` turn raw objects into views as kopf fills them. Only a few reads go out,
 each only when needed: a GET of a pod the status records but the index lacks (its watch event may
-still be in flight, or another operator instance created it), the credentials Secret and a TCP
-connect to the S3 endpoint before an attempt starts, and rank 0's /progress during a sweep. The
+still be in flight, or another operator instance created it), a TCP connect to the S3
+endpoint before an attempt starts, and rank 0's /progress during a sweep. The
 job's sizing pod (render.sizing_pod) is in the same index; `observe` keeps it apart from the workers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import logging
 import socket
-import urllib.request
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 import kopf
-from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from kubetune_contract.config import SecretKeyRefs
 from kubetune_contract.layout import METRICS_PORT
 from kubetune_contract.progress import ProgressRecord
 
-from . import api
+from . import api, policy
 from .context import OperatorContext
 from .cost import gpu_hour_prices, price_per_hour
 from .kube import Kube
@@ -196,6 +197,8 @@ def parse_spec(job: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, str | N
     except ValidationError as e:
         first = e.errors()[0]
         where = "spec." + ".".join(str(p) for p in first["loc"])
+        if first["type"] == "value_error":  # schema-valid but unusable (an endpoint, an affinity shape)
+            return None, f"{where}: {first['msg'].removeprefix('Value error, ')}"
         return None, f"{where}: {first['msg']} (the CRD installed may be older than the operator)"
 
 
@@ -234,62 +237,74 @@ def polled_progress(job: dict[str, Any], pods: tuple[PodView, ...], attempt: int
 
 
 def preflight_problem(ctx: OperatorContext, namespace: str, spec: api.FineTuneJobSpec) -> tuple[str, str] | None:
-    """(reason, message) when the job cannot start yet: its Secret or S3 endpoint is unusable."""
-    problem = None
-    if spec.s3.credentials_secret:
-        problem = secret_problem(ctx.kube, namespace, spec.s3.credentials_secret)
+    """(reason, message) when the job cannot start yet: a pass-through field the platform's policy
+    refuses (policy.py), or its S3 endpoint is unusable. The credentials Secret is not read: the
+    operator holds no Secret access, and the kubelet reports a missing Secret or key itself
+    (CreateContainerConfigError, which reaches the Running condition)."""
+    problem = policy.violation(spec, ctx.settings.pod_policy, ctx.settings.trainer_image)
     if problem is None and ctx.settings.preflight_s3_endpoint:
         problem = s3_endpoint_problem(spec.s3.endpoint)
     return problem
-
-
-def secret_problem(kube: Kube, namespace: str, ref: SecretKeyRefs) -> tuple[str, str] | None:
-    """(reason, message) when the credentials Secret or one of its keys is missing."""
-    try:
-        secret = kube.get_secret(namespace, ref.name)
-    except ApiException as e:
-        if e.status == 403:
-            return None  # not allowed to look: the kubelet will report it if it is really missing
-        raise
-    if secret is None:
-        return (
-            "SecretNotFound",
-            f"Secret {ref.name!r} (spec.s3.credentialsSecret.name) not found in namespace "
-            f"{namespace!r}; create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}",
-        )
-    keys = set((secret.data or {}) | (secret.string_data or {}))
-    missing = [k for k in (ref.access_key_id_key, ref.secret_access_key_key) if k not in keys]
-    if missing:
-        return (
-            "SecretKeyMissing",
-            f"Secret {ref.name!r} has no key(s) {', '.join(missing)} "
-            f"(spec.s3.credentialsSecret); it has: {', '.join(sorted(keys)) or 'none'}",
-        )
-    return None
 
 
 def s3_endpoint_problem(endpoint: str | None, timeout: float = 2.0) -> tuple[str, str] | None:
     """A TCP connect to the S3 endpoint: unreachable endpoints fail here, not after a pod starts."""
     if not endpoint:
         return None
-    url = urlparse(endpoint)
+    url = urlparse(endpoint)  # validated by the spec model (S3Spec): a host and a port in range
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
             return None
-    except OSError as e:
+    except OSError:
+        # Reachable or not, nothing more: the error's kind (refused, timed out, no route) would make
+        # the operator a port scanner of its own network for whoever creates jobs.
         return (
             "S3EndpointUnreachable",
-            f"cannot reach spec.s3.endpoint {endpoint} ({e.__class__.__name__}: {e}); "
+            f"cannot reach spec.s3.endpoint {endpoint} from the operator; "
             "check the URL, the Service/DNS name and network policies",
         )
 
 
-def fetch_progress(ip: str, port: int, timeout: float = 2.0) -> dict[str, Any] | None:
-    """GET the trainer's /progress; None when it cannot be reached (starting, or we are off-cluster)."""
+PROGRESS_DEADLINE_SECONDS = 2.0  # the whole call: connect, request, headers and body
+PROGRESS_MAX_BYTES = 64 * 1024  # a ProgressRecord is < 4 kB
+
+
+def fetch_progress(
+    ip: str, port: int, deadline: float = PROGRESS_DEADLINE_SECONDS, max_bytes: int = PROGRESS_MAX_BYTES
+) -> dict[str, Any] | None:
+    """GET the trainer's /progress; None when it cannot be reached (starting, or we are off-cluster)
+    or misbehaves. Bounded whatever the trainer does: one total deadline (a byte-by-byte drip does
+    not reset it), a capped body, no redirects followed (a 3xx is not progress), a reply that is
+    not HTTP or not JSON is None. The trainer's address is a pod IP the operator chose, not user input."""
+    start = time.monotonic()
+    conn = http.client.HTTPConnection(ip, port, timeout=deadline)
+    timer: threading.Timer | None = None
     try:
-        with urllib.request.urlopen(f"http://{ip}:{port}/progress", timeout=timeout) as r:
-            return json.loads(r.read())
-    except (OSError, ValueError) as e:
+        conn.connect()
+        sock = conn.sock
+        assert sock is not None
+        # The total deadline: whatever read is blocked then (a status line dripping in, a body) ends.
+        timer = threading.Timer(max(0.0, deadline - (time.monotonic() - start)), _shut, (sock,))
+        timer.daemon = True
+        timer.start()
+        conn.request("GET", "/progress", headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise ValueError(f"HTTP {resp.status}")  # 3xx too: redirects are never followed
+        body = resp.read(max_bytes + 1)
+        if len(body) > max_bytes:
+            raise ValueError(f"reply over {max_bytes} bytes")
+        return json.loads(body)
+    except (OSError, ValueError, http.client.HTTPException) as e:
         log.debug("progress from %s unavailable: %s", ip, e)
         return None
+    finally:
+        if timer is not None:
+            timer.cancel()
+        conn.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)

@@ -75,11 +75,26 @@ async def reconcile(
                 return
 
 
+SWEEP_STUCK_SECONDS = 300.0  # no job finished in this long (beyond the poll period): /healthz fails
+
+
+def sweep_stuck(ctx: OperatorContext, now: float) -> str | None:
+    """Why liveness should fail: the sweep has not moved in SWEEP_STUCK_SECONDS plus one period.
+    Every call a pass makes is bounded (API request timeouts, the /progress deadline), so a sweep
+    this late is hung, and a restart is the cure."""
+    if ctx.sweeper is None or ctx.sweeper.done():
+        return "the sweep task ended" if ctx.sweeper is not None else None
+    late = now - ctx.sweep_beat - ctx.settings.progress_poll_seconds
+    return f"the sweep has not moved for {late:.0f} s" if late > SWEEP_STUCK_SECONDS else None
+
+
 async def sweep(ctx: OperatorContext, indexes: observe.Indexes) -> None:
     """Every progress_poll_seconds: progress, cost, deadlines and TTLs for every job."""
     while True:
+        ctx.sweep_beat = time.monotonic()
         await asyncio.sleep(ctx.settings.progress_poll_seconds)
         for namespace, name in list(indexes.jobs):
+            ctx.sweep_beat = time.monotonic()
             try:
                 await reconcile(ctx, indexes, namespace, name, poll=True)
             except Exception:  # one bad job must not stop the sweep

@@ -139,10 +139,24 @@ SCRATCH_ENV: list[dict[str, Any]] = [
     {"name": envvars.HF_HOME, "value": layout.SCRATCH_HF_HOME},
     {"name": envvars.WORK_DIR, "value": layout.SCRATCH_WORK_DIR},
     {"name": envvars.TMPDIR, "value": layout.SCRATCH_DIR},
-    {"name": envvars.TRITON_HOME, "value": layout.SCRATCH_TRITON_HOME},
+    {"name": envvars.XDG_CACHE_HOME, "value": layout.SCRATCH_CACHE},
+    {"name": envvars.TRITON_CACHE_DIR, "value": f"{layout.SCRATCH_CACHE}/triton"},
+    {"name": envvars.TRITON_HOME, "value": layout.SCRATCH_CACHE},
+    {"name": envvars.CUDA_CACHE_PATH, "value": f"{layout.SCRATCH_CACHE}/nv"},
 ]
-SECURITY_CONTEXT = {
+# Pod Security `restricted` (and a read-only root filesystem: every path written is a volume).
+# The user and group are the trainer image's (Dockerfile.trainer); fsGroup makes the volumes theirs.
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": layout.TRAINER_UID,
+    "runAsGroup": layout.TRAINER_GID,
+    "fsGroup": layout.TRAINER_GID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+SECURITY_CONTEXT: dict[str, Any] = {
     "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
@@ -168,11 +182,13 @@ def _volumes(job_name: str, spec: api.FineTuneJobSpec) -> tuple[list[dict[str, A
         {"name": "config", "configMap": {"name": config_map_name(job_name)}},
         {"name": "scratch", "emptyDir": {"sizeLimit": res.ephemeral_storage} if res.ephemeral_storage else {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # NCCL and DataLoader workers need a real /dev/shm
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": layout.CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
         {"name": "scratch", "mountPath": layout.SCRATCH_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": layout.TMP_DIR},
     ]
     for i, claim in enumerate(pvc_claims(spec)):
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
@@ -243,10 +259,11 @@ def worker_pod(
                 "volumeMounts": mounts,
                 "terminationMessagePath": layout.TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": dict(SECURITY_CONTEXT),
+                "securityContext": copy.deepcopy(SECURITY_CONTEXT),
             }
         ],
         "volumes": volumes,
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
     }
     if pod_cfg.node_selector:
         pod_spec["nodeSelector"] = dict(pod_cfg.node_selector)
@@ -301,10 +318,11 @@ def sizing_pod(job: dict[str, Any], spec: api.FineTuneJobSpec, settings: Setting
                 "volumeMounts": mounts,
                 "terminationMessagePath": layout.TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
-                "securityContext": dict(SECURITY_CONTEXT),
+                "securityContext": copy.deepcopy(SECURITY_CONTEXT),
             }
         ],
         "volumes": volumes,
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
     }
     # Wherever the user's placement allows (spot nodes too); never the GPU type or capacity policy.
     if pod_cfg.node_selector:

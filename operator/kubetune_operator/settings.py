@@ -8,7 +8,9 @@ import os
 from importlib.metadata import version
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .policy import PodPolicy
 
 # USD per GPU-hour by GPU product label (spot, on-demand). Rough public list prices; override
 # with KUBETUNE_GPU_PRICES (JSON) to match your cloud contract. "default" covers unknown types.
@@ -53,8 +55,20 @@ class Settings(BaseModel):
         description="TCP-check spec.s3.endpoint before creating pods (turn off when the operator cannot "
         "reach the network the trainers use).",
     )
+    pod_policy: PodPolicy = Field(
+        default_factory=PodPolicy,
+        description="What FineTuneJobs may set in spec.pod (images, ServiceAccounts, PriorityClasses, Secret env, "
+        "tolerations, node selectors); a job that sets more waits with Ready=False, reason PolicyViolation.",
+    )
     metrics_port: int = Field(8080, description="Operator /metrics port (0 disables).")
     health_port: int = Field(8081, description="Liveness probe port (/healthz).")
+
+    @field_validator("gpu_prices")
+    @classmethod
+    def _default_price(cls, prices: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        if "default" not in prices or "on-demand" not in prices["default"]:
+            raise ValueError('the GPU price table (chart value cost.gpuPrices) needs a "default" row with on-demand')
+        return prices
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -65,5 +79,6 @@ class Settings(BaseModel):
             if raw is None or raw == "":
                 continue
             annotation = str(field.annotation)
-            values[name] = json.loads(raw) if ("list" in annotation or "dict" in annotation) else raw
+            structured = "list" in annotation or "dict" in annotation or "Policy" in annotation
+            values[name] = json.loads(raw) if structured else raw
         return cls(**values)

@@ -40,6 +40,8 @@ _COPY = (
     "exclusiveMaximum",
     "minItems",
     "maxItems",
+    "if",  # a conditional requirement (cost.gpuPrices: when set, a "default" row)
+    "then",
 )
 
 

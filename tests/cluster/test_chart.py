@@ -57,6 +57,9 @@ def test_values_schema_rejects_unknown_keys_and_bad_types():
     assert bad.returncode != 0 and "imagee" in bad.stderr
     bad = helm("template", "kt", str(CHART), "--set", "progressPollSeconds=0", check=False)
     assert bad.returncode != 0 and "progressPollSeconds" in bad.stderr
+    no_default = '{"NVIDIA-L4":{"on-demand":0.7,"spot":0.3}}'
+    bad = helm("template", "kt", str(CHART), "--set-json", f"cost.gpuPrices={no_default}", check=False)
+    assert bad.returncode != 0 and "gpuPrices" in bad.stderr and "default" in bad.stderr
     ok = helm(
         "template",
         "kt",
@@ -64,7 +67,7 @@ def test_values_schema_rejects_unknown_keys_and_bad_types():
         "--set",
         "crds.enabled=false",
         "--set-json",
-        'cost.gpuPrices={"NVIDIA-L4":{"on-demand":0.7,"spot":0.3}}',
+        'cost.gpuPrices={"default":{"on-demand":2},"NVIDIA-L4":{"on-demand":0.7,"spot":0.3}}',
     )
     env = {
         e["name"]: e.get("value")
@@ -72,7 +75,10 @@ def test_values_schema_rejects_unknown_keys_and_bad_types():
         if d and d["kind"] == "Deployment"
         for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
     }
-    assert json.loads(env["KUBETUNE_GPU_PRICES"]) == {"NVIDIA-L4": {"on-demand": 0.7, "spot": 0.3}}
+    assert json.loads(env["KUBETUNE_GPU_PRICES"]) == {
+        "default": {"on-demand": 2},
+        "NVIDIA-L4": {"on-demand": 0.7, "spot": 0.3},
+    }
     assert "CustomResourceDefinition" not in ok.stdout
 
 

@@ -302,29 +302,7 @@ def test_infrastructure_failures_retry_up_to_the_backoff_limit(jobs, spec, fake_
 # ---- bad input that passes the schema -----------------------------------------------------
 
 
-def test_missing_secret_waits_with_a_reason_then_starts(kube_api, namespace, operator, spec):
-    jobs = Jobs(kube_api, namespace)
-    jobs.create(job_manifest(name="nosecret", **spec))
-    wait_for(
-        lambda: (jobs.condition("nosecret", "Ready") or {}).get("reason") == "SecretNotFound", what="SecretNotFound"
-    )
-    ready = jobs.condition("nosecret", "Ready")
-    assert "Secret 's3-creds'" in ready["message"] and "spec.s3.credentialsSecret.name" in ready["message"]
-    assert phase(jobs, "nosecret") == "Pending" and pod_names(jobs, "nosecret") == []
-    jobs.secret()
-    wait_for(
-        lambda: pod_names(jobs, "nosecret") == ["nosecret-a0-w0"], timeout=20, what="pod after the Secret appeared"
-    )
-
-
-def test_secret_without_the_keys_says_which(kube_api, namespace, operator, spec):
-    jobs = Jobs(kube_api, namespace)
-    jobs.secret(accesskey="x", secretkey="y")
-    jobs.create(job_manifest(name="badkeys", **spec))
-    wait_for(
-        lambda: (jobs.condition("badkeys", "Ready") or {}).get("reason") == "SecretKeyMissing", what="SecretKeyMissing"
-    )
-    assert "AWS_ACCESS_KEY_ID" in jobs.condition("badkeys", "Ready")["message"]
+# A missing Secret or key: tests/cluster/test_security.py (the kubelet reports it; the operator reads no Secret).
 
 
 def test_unreachable_s3_endpoint_waits_with_a_reason(jobs):

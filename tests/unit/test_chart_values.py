@@ -224,14 +224,29 @@ def test_every_settings_value_reaches_the_operator():
         "placement.spotTolerations": [{"key": "spot", "operator": "Exists"}],
         "placement.gpuResource": "amd.com/gpu",
         "placement.gpuTypeLabel": "gpu.product",
-        "cost.gpuPrices": {"NVIDIA-L4": {"on-demand": 0.7, "spot": 0.3}},
+        "cost.gpuPrices": {"default": {"on-demand": 2.0}, "NVIDIA-L4": {"on-demand": 0.7, "spot": 0.3}},
         "cost.cpuHourPrice": 0.05,
         "progressPollSeconds": 2.5,
         "preflightS3Endpoint": False,
+        "podPolicy": {"allowedImagePrefixes": ["reg.example/"], "allowEnvSecretRefs": False},
         "metrics.port": 9090,
     }
     assert set(overrides) == set(SETTINGS_PATHS.values())
     args = [a for path, value in overrides.items() for a in ("--set-json", f"{path}={json.dumps(value)}")]
     settings = Settings.from_env(_env(helm_template(*args).stdout))
     for name, path in SETTINGS_PATHS.items():
-        assert getattr(settings, name) == overrides[path], name
+        value = getattr(settings, name)
+        if hasattr(value, "model_dump"):  # podPolicy: a model
+            value = value.model_dump(by_alias=True, exclude_defaults=True)
+        assert value == overrides[path], name
+
+
+def test_network_policy_is_opt_in_and_admits_only_the_operator_and_monitoring():
+    assert "NetworkPolicy" not in helm_template().stdout
+    out = helm_template("--set", "networkPolicy.enabled=true", "--set-json", 'networkPolicy.namespaces=["ml","nlp"]')
+    policies = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "NetworkPolicy"]
+    assert [p["metadata"]["namespace"] for p in policies] == ["ml", "nlp"]
+    metrics_rule = policies[0]["spec"]["ingress"][0]
+    assert metrics_rule["ports"] == [{"port": 9400, "protocol": "TCP"}]
+    sources = [f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for f in metrics_rule["from"]]
+    assert sources == ["kubetune-system", "monitoring"] and "podSelector" in metrics_rule["from"][0]

@@ -118,3 +118,24 @@ def test_pass_through_fields_and_safe_defaults():
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_pods_meet_pod_security_restricted_with_a_read_only_root():
+    """Every pod kubetune creates: non-root as the image's user, no privilege escalation, no
+    capabilities, RuntimeDefault seccomp, read-only root; what the trainer writes is a volume."""
+    from kubetune_contract import layout
+
+    j, spec = job()
+    for pod in (render.worker_pod(j, spec, Settings(), 0, 0, "127.0.0.1"), render.sizing_pod(j, spec, Settings(), "s")):
+        psc = pod["spec"]["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] == layout.TRAINER_UID == 10001
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+        c = pod["spec"]["containers"][0]
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {layout.SCRATCH_DIR, "/tmp"} <= mounts
+        writable_env = {e["name"]: e["value"] for e in c["env"] if "value" in e and e["value"].startswith("/")}
+        for name in ("HF_HOME", "TMPDIR", "KUBETUNE_WORK_DIR", "XDG_CACHE_HOME", "TRITON_CACHE_DIR"):
+            assert writable_env[name].startswith(layout.SCRATCH_DIR), name

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -200,17 +201,31 @@ def load_parts(ckpt_dir: Path, parts: TrainingParts, device: Any, uri: str) -> N
     with torch.no_grad():
         for n, p in by_name.items():
             p.copy_(weights[n].to(p.device, p.dtype))
-    parts.optimizer.load_state_dict(torch.load(ckpt_dir / OPTIMIZER_FILE, map_location=device, weights_only=False))
-    parts.scheduler.load_state_dict(torch.load(ckpt_dir / SCHEDULER_FILE, weights_only=False))
+    parts.optimizer.load_state_dict(safe_load(ckpt_dir / OPTIMIZER_FILE, map_location=device))
+    parts.scheduler.load_state_dict(safe_load(ckpt_dir / SCHEDULER_FILE))
     if parts.scaler is not None and (ckpt_dir / SCALER_FILE).exists():
-        parts.scaler.load_state_dict(torch.load(ckpt_dir / SCALER_FILE, weights_only=False))
+        parts.scaler.load_state_dict(safe_load(ckpt_dir / SCALER_FILE))
+
+
+def safe_load(path: Path, map_location: Any = None) -> Any:
+    """torch.load with weights_only=True: tensors, containers and numbers only, plus the three numpy
+    globals a numpy RNG state needs. Whoever can write the checkpoint prefix must not run code in
+    the next attempt (a pickle's other globals are refused: UnpicklingError, a user error)."""
+    import numpy as np
+    import torch
+    from numpy._core.multiarray import _reconstruct
+
+    allowed = [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"checkpoint file {path.name} holds objects other than tensors and numbers: {e}") from e
 
 
 def restore_rng(ckpt_dir: Path, st: TrainState, *, rank: int, world: int, cuda: bool, seed: int) -> None:
     """This rank's RNG as saved; with another world size fresh streams (documented, not exact)."""
-    import torch
-
-    rngs = torch.load(ckpt_dir / RNG_FILE, weights_only=False)
+    rngs = safe_load(ckpt_dir / RNG_FILE)
     if st.world_size == world and rank < len(rngs):
         set_rng_state(rngs[rank], cuda)
     else:
