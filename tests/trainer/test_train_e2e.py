@@ -72,7 +72,8 @@ def test_lora_learns_and_publishes_adapter_with_model_card(
     assert all(e["rank"] == 0 for e in events(log))
     # progress/termination record
     assert rec.phase == "done" and rec.step == 30 and rec.output_uri.endswith(f"{bucket}/output/ns/learn/uid-learn")
-    assert rec.eval_loss is not None and rec.tokens_seen > 0 and rec.last_checkpoint.step in (10, 20)
+    assert rec.eval_loss is not None and rec.tokens_seen > 0
+    assert rec.last_checkpoint.step == 30  # the last step, durable before the export
     # the output: adapter + tokenizer + model card
     c = minio.client()
     keys = {o["Key"] for o in c.list_objects_v2(Bucket=bucket, Prefix="output/ns/learn/uid-learn/")["Contents"]}
@@ -101,7 +102,7 @@ def test_lora_learns_and_publishes_adapter_with_model_card(
     dl = tmp_path / "dl"
     dl.mkdir()
     for k in keys:
-        if k.count("/") == 3:
+        if k.count("/") == 4:  # output/ns/<name>/<uid>/<file>: the adapter, not merged/
             c.download_file(bucket, k, str(dl / k.rsplit("/", 1)[1]))
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(dl))
     # no progress bars, only JSON lines on stdout
@@ -133,6 +134,7 @@ def test_full_fine_tuning_writes_the_whole_model_and_checkpoints_by_time(
     assert [(e["step"], e["reason"]) for e in events(log, "checkpoint_saved_locally")] == [
         (1, "interval"),
         (2, "interval"),
+        (3, "final"),  # the last step is durable before the export
     ]
     keys = {o["Key"] for o in minio.client().list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]}
     assert "output/ns/full/uid-full/model.safetensors" in keys and "output/ns/full/uid-full/config.json" in keys
