@@ -178,11 +178,20 @@ class CheckpointSpec(SpecModel):
     uri: str = Field(
         pattern=S3_URI_PATTERN,
         max_length=1024,
-        description="s3://bucket/prefix; each job writes under <prefix>/<namespace>/<name>/.",
+        description="s3://bucket/prefix; each job writes under <prefix>/<namespace>/<name>/<uid>/.",
     )
     every_steps: int | None = Field(200, ge=1, description="Checkpoint every N optimizer steps.")
     every_minutes: float | None = Field(10.0, gt=0, le=1440, description="and/or every M minutes of training.")
     keep_last: int = Field(3, ge=1, le=100, description="Checkpoints kept; older ones are deleted.")
+    resume_from: str | None = Field(
+        None,
+        pattern=S3_URI_PATTERN,
+        max_length=1024,
+        description="Start from another job's checkpoint (a warm start, or a re-created job continuing an old "
+        "one): s3://.../step-<n>-a<attempt> for that checkpoint, or a job's prefix "
+        "(s3://bucket/prefix/<namespace>/<name>/<uid>) for its newest valid one. Used only while this job "
+        "has no checkpoint of its own; without it a job never restores a checkpoint it did not write.",
+    )
 
 
 class OutputSpec(SpecModel):
@@ -266,13 +275,14 @@ class TrainerConfig(SpecModel):
 
     @property
     def checkpoint_prefix(self) -> str:
-        """The job's own prefix: checkpoints of two jobs never mix, and resume survives attempts."""
-        return job_prefix(self.checkpoints.uri, self.job.namespace, self.job.name)
+        """The job's own prefix, <checkpoints.uri>/<namespace>/<name>/<uid>: checkpoints of two jobs
+        (or two incarnations of one name) never mix, and resume survives attempts."""
+        return job_prefix(self.checkpoints.uri, self.job.namespace, self.job.name, self.job.uid)
 
     @property
     def output_prefix(self) -> str:
-        """Where the job's result goes: <output.uri>/<namespace>/<name>."""
-        return job_prefix(self.output.uri, self.job.namespace, self.job.name)
+        """Where the job's result goes: <output.uri>/<namespace>/<name>/<uid>."""
+        return job_prefix(self.output.uri, self.job.namespace, self.job.name, self.job.uid)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json_dict(), indent=2, sort_keys=True)

@@ -16,6 +16,7 @@ MASTER_PORT = "MASTER_PORT"
 POD_NAME = "KUBETUNE_POD_NAME"
 NODE_NAME = "KUBETUNE_NODE_NAME"
 ATTEMPT = "KUBETUNE_ATTEMPT"  # 0-based; bumped for each new set of pods (after a preemption)
+POD_UID = "KUBETUNE_POD_UID"  # the pod's metadata.uid: with ATTEMPT, the token every write of an attempt carries
 METRICS_PORT = "KUBETUNE_METRICS_PORT"  # default layout.METRICS_PORT; 0 = any free port; "off"
 WORK_DIR = "KUBETUNE_WORK_DIR"  # local scratch for the model, data and checkpoint staging
 HF_HOME = "HF_HOME"  # Hugging Face cache, on scratch
@@ -56,6 +57,7 @@ OPERATOR_SET = frozenset(
         POD_NAME,
         NODE_NAME,
         ATTEMPT,
+        POD_UID,
         METRICS_PORT,
         WORK_DIR,
         HF_HOME,

@@ -92,9 +92,13 @@ def parse_s3_uri(uri: str, *, field: str | None = None, error: type[S3UriError] 
     return S3Uri(bucket, key)
 
 
-def job_prefix(base_uri: str, namespace: str, name: str) -> str:
-    """A job's own prefix below a user-given one: two jobs never mix, and attempts share it."""
-    return f"{base_uri.rstrip('/')}/{namespace}/{name}"
+def job_prefix(base_uri: str, namespace: str, name: str, uid: str | None = None) -> str:
+    """A job's own prefix below a user-given one: `<base>/<namespace>/<name>/<uid>`. Readable by
+    namespace and name; the UID keeps two incarnations of one name (deleted and re-applied) apart,
+    so a new job never resumes, prunes or overwrites an old one's files. Attempts of one job share
+    it. Without a uid: `<base>/<namespace>/<name>` (every incarnation of the name below it)."""
+    base = f"{base_uri.rstrip('/')}/{namespace}/{name}"
+    return f"{base}/{uid}" if uid else base
 
 
 def pvc_claim(uri: str) -> str | None:

@@ -226,6 +226,7 @@ def worker_pod(
         {"name": envvars.ATTEMPT, "value": str(attempt)},
         {"name": envvars.METRICS_PORT, "value": str(layout.METRICS_PORT)},
         {"name": envvars.POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": envvars.POD_UID, "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
         {"name": envvars.NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         *SCRATCH_ENV,
     ]

@@ -155,7 +155,10 @@ def test_job_gets_an_owned_trainer_pod_and_config(jobs, spec, fake_nodes):
     cm = jobs.core.read_namespaced_config_map("happy-trainer-config", jobs.ns)
     config = TrainerConfig.loads(cm.data["trainer-config.json"])
     assert config.job.uid == job["metadata"]["uid"]
-    assert config.checkpoint_prefix == f"s3://kubetune-demo/checkpoints/{jobs.ns}/happy"
+    uid = job["metadata"]["uid"]  # the incarnation: its checkpoints and output live under its UID
+    assert config.checkpoint_prefix == f"s3://kubetune-demo/checkpoints/{jobs.ns}/happy/{uid}"
+    pod_uid = [e for e in pod.spec.containers[0].env if e.name == "KUBETUNE_POD_UID"]
+    assert pod_uid and pod_uid[0].value_from.field_ref.field_path == "metadata.uid"
     assert config.training.max_steps == 300 and config.method == "lora"
 
     wait_for(lambda: phase(jobs, "happy") == "Running", what="job Running")

@@ -84,7 +84,7 @@ def test_save_restore_round_trip(minio: MinioServer, minio_bucket: str, tmp_path
     assert not src.exists(), "the store takes the directory over at once"
     info = fut.result(timeout=60)
     assert info.step == 7 and info.meta == {"loss": 1.25, "epoch": 0.5}
-    assert info.uri == f"s3://{minio_bucket}/jobs/ns/job/checkpoints/step-000000007"
+    assert info.uri == f"s3://{minio_bucket}/jobs/ns/job/checkpoints/step-000000007-a0"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", info.time)
     assert {k: e.sha256 for k, e in info.files.items()} == want
     assert store.last_durable() == info and store.wait() == info
@@ -213,7 +213,7 @@ def test_keep_last_prunes_old_and_unfinished(minio: MinioServer, minio_bucket: s
         assert store.list_committed()[0].step == step, "the newest is never pruned"
     assert [c.step for c in store.list_committed()] == [5, 4]
     left = {o.key.split("/")[4] for o in s3.list_objects(store.client, store.root)}
-    assert left == {"step-000000005", "step-000000004"}
+    assert left == {"step-000000005-a0", "step-000000004-a0"}
 
 
 @pytest.mark.s3

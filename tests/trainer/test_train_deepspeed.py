@@ -104,7 +104,7 @@ def test_lora_zero2_two_workers_adapter_checkpoint_exact_resume(tmp_path, minio,
 
     # one manifest over both ranks' shards; adapters only, not the frozen base
     client = minio.client()
-    step_dir = f"checkpoints/ns/pre/checkpoints/step-{stopped:09d}/"
+    step_dir = f"checkpoints/ns/pre/uid-pre/checkpoints/step-{stopped:09d}-a0/"
     manifest = json.loads(client.get_object(Bucket=bucket, Key=step_dir + "MANIFEST.json")["Body"].read())
     files = manifest["files"]
     assert "deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt" in files
@@ -136,9 +136,9 @@ def test_lora_zero2_two_workers_adapter_checkpoint_exact_resume(tmp_path, minio,
 
     # the exported adapter: peft files, lora tensors only, loads onto the base
     out = tmp_path / "adapter"
-    for rel in _keys(client, bucket, "output/ns/pre/"):
+    for rel in _keys(client, bucket, "output/ns/pre/uid-pre/"):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, "output/ns/pre/" + rel, str(out / rel))
+        client.download_file(bucket, "output/ns/pre/uid-pre/" + rel, str(out / rel))
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -179,9 +179,9 @@ def test_full_zero3_two_workers_exports_consolidated_model(tmp_path, minio, tiny
     models = {}
     for name in ("z3", "ddp"):
         out = tmp_path / f"out-{name}"
-        for rel in _keys(client, bucket, f"output/ns/{name}/"):
+        for rel in _keys(client, bucket, f"output/ns/{name}/uid-{name}/"):
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, f"output/ns/{name}/{rel}", str(out / rel))
+            client.download_file(bucket, f"output/ns/{name}/uid-{name}/{rel}", str(out / rel))
         models[name] = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).state_dict()
     z3_sd, ddp_sd = models["z3"].state_dict(), models["ddp"].state_dict()

@@ -66,9 +66,9 @@ def test_two_gloo_ranks_checkpoint_once_and_stop_together(tmp_path, minio, tiny_
     assert not [e for e in r1 if e["event"] == "step"]  # progress lines from rank 0 only
     assert [e for e in r1 if e["event"] == "signal_received"] and not [e for e in r0 if e["event"] == "signal_received"]
     client = minio.client()
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="checkpoints/ns/ddp/")["Contents"]]
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="checkpoints/ns/ddp/uid-ddp/")["Contents"]]
     manifests = sorted(k for k in keys if k.endswith("MANIFEST.json"))
-    assert manifests[-1].endswith(f"step-{stopped:09d}/MANIFEST.json")
+    assert manifests[-1].endswith(f"step-{stopped:09d}-a0/MANIFEST.json")
     assert len(manifests) == len({s for s, _ in saves})
 
     procs, logs_ = launch(2)

@@ -59,7 +59,7 @@ def scrape_until(proc, log, pred, timeout=120.0) -> tuple[str, dict[str, float]]
 
 def highwater(client, bucket) -> int:
     try:
-        body = client.get_object(Bucket=bucket, Key="checkpoints/ns/gp/highest-step.json")["Body"].read()
+        body = client.get_object(Bucket=bucket, Key="checkpoints/ns/gp/uid-gp/highest-step.json")["Body"].read()
     except client.exceptions.NoSuchKey:
         return 0
     return json.loads(body)["step"]
@@ -124,7 +124,7 @@ def test_goodput_facts_across_a_kill_and_resume(tmp_path, minio, tiny_model_dir)
     assert highwater(client, bucket) == TOTAL
 
     # The model card: the job's goodput and cost as of the export, the earlier attempt's included.
-    card = json.loads(client.get_object(Bucket=bucket, Key="output/ns/gp/model_card.json")["Body"].read())
+    card = json.loads(client.get_object(Bucket=bucket, Key="output/ns/gp/uid-gp/model_card.json")["Body"].read())
     g, cost = card["goodput"], card["cost"]
     assert g["as_of"] == cost["as_of"] == "export" and cost["attempts"] == 2
     assert g["productive_seconds"] == pytest.approx(50 + rec.productive_seconds, abs=0.01)
@@ -154,7 +154,7 @@ def test_the_high_water_mark_is_throttled_and_never_fails_training(minio, capsys
     from kubetune_trainer.goodput import HighWaterMark
 
     bucket, client, clock = minio.make_bucket(), minio.client(), Clock()
-    mark = HighWaterMark(client, f"s3://{bucket}/checkpoints/ns/hw", interval=10.0, clock=clock)
+    mark = HighWaterMark(client, f"s3://{bucket}/checkpoints/ns/hw/uid-hw", interval=10.0, clock=clock)
     assert mark.read() == 0  # none yet
     mark.note(3)
     mark.close()  # (waits for the write in flight)
@@ -165,7 +165,7 @@ def test_the_high_water_mark_is_throttled_and_never_fails_training(minio, capsys
     mark.note(5)
     mark.close(6)  # the last step, written at exit
     assert mark.read() == 6
-    gone = HighWaterMark(client, "s3://no-such-bucket/checkpoints/ns/hw", interval=0.0)
+    gone = HighWaterMark(client, "s3://no-such-bucket/checkpoints/ns/hw/uid-hw", interval=0.0)
     assert gone.read() == 0
     gone.note(1)
     gone.note(2)

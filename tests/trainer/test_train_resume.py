@@ -31,7 +31,7 @@ def _keys(client, bucket, prefix):
 def _committed_steps(client, bucket, job):
     return sorted(
         int(k.split("/")[-2].split("-")[1])
-        for k in _keys(client, bucket, f"checkpoints/ns/{job}/")
+        for k in _keys(client, bucket, f"checkpoints/ns/{job}/uid-{job}/")
         if k.endswith("MANIFEST.json")
     )
 
@@ -40,7 +40,7 @@ def test_sigterm_checkpoint_exact_resume_and_fallback(tmp_path, minio, tiny_mode
     bucket = minio.make_bucket()
     data = write_jsonl(tmp_path / "train.jsonl", instruction_records(60, seed=2))
 
-    def cfg(name):
+    def cfg(name, **ck):
         return trainer_config(
             bucket=bucket,
             endpoint=minio.endpoint,
@@ -56,11 +56,11 @@ def test_sigterm_checkpoint_exact_resume_and_fallback(tmp_path, minio, tiny_mode
                 "warmupRatio": 0.1,
                 "learningRate": 0.01,
             },
-            checkpoints={"everySteps": 4, "keepLast": 3},
+            checkpoints={"everySteps": 4, "keepLast": 3, **ck},
         )
 
-    def env(name, run, **extra):
-        return trainer_env(tmp_path / f"{name}-{run}", cfg(name), minio.env(), **extra)
+    def env(name, run, ck=None, **extra):
+        return trainer_env(tmp_path / f"{name}-{run}", cfg(name, **(ck or {})), minio.env(), **extra)
 
     # reference (uninterrupted) and the run to preempt, side by side
     ref_log, pre_log = tmp_path / "ref.log", tmp_path / "pre-1.log"
@@ -87,10 +87,12 @@ def test_sigterm_checkpoint_exact_resume_and_fallback(tmp_path, minio, tiny_mode
     for s in range(1, stopped + 1):
         assert before[s] == pytest.approx(reference[s], rel=1e-6, abs=1e-7)
 
-    # a copy of the preempted job whose newest checkpoint was corrupted after upload
-    for k in _keys(client, bucket, "checkpoints/ns/pre/"):
-        client.copy_object(Bucket=bucket, Key=k.replace("/ns/pre/", "/ns/fb/"), CopySource={"Bucket": bucket, "Key": k})
-    victim = f"checkpoints/ns/fb/checkpoints/step-{stopped:09d}/trainable.safetensors"
+    # a copy of the preempted job whose newest checkpoint was corrupted after upload, resumed by
+    # another job (another UID) that names it in checkpoints.resumeFrom
+    for k in _keys(client, bucket, "checkpoints/ns/pre/uid-pre/"):
+        copy = k.replace("/ns/pre/", "/ns/copy/")
+        client.copy_object(Bucket=bucket, Key=copy, CopySource={"Bucket": bucket, "Key": k})
+    victim = f"checkpoints/ns/copy/uid-pre/checkpoints/step-{stopped:09d}-a0/trainable.safetensors"
     blob = bytearray(client.get_object(Bucket=bucket, Key=victim)["Body"].read())
     blob[-16:] = bytes(16)  # same size, different bytes: only the sha256 can tell
     client.put_object(Bucket=bucket, Key=victim, Body=bytes(blob))
@@ -98,7 +100,7 @@ def test_sigterm_checkpoint_exact_resume_and_fallback(tmp_path, minio, tiny_mode
 
     res_log, fb_log = tmp_path / "pre-2.log", tmp_path / "fb.log"
     res = start_trainer(env("pre", 2), res_log)
-    fb = start_trainer(env("fb", 1), fb_log)
+    fb = start_trainer(env("fb", 1, {"resumeFrom": f"s3://{bucket}/checkpoints/ns/copy/uid-pre"}), fb_log)
     assert res.wait(180) == ExitCode.SUCCESS, res_log.read_text()[-4000:]
     assert fb.wait(180) == ExitCode.SUCCESS, fb_log.read_text()[-4000:]
 
@@ -116,4 +118,4 @@ def test_sigterm_checkpoint_exact_resume_and_fallback(tmp_path, minio, tiny_mode
     for s in fb_losses:
         assert fb_losses[s] == pytest.approx(reference[s], rel=1e-6, abs=1e-7), s
     # the finished runs' outputs are there
-    assert "output/ns/pre/model_card.json" in _keys(client, bucket, "output/ns/pre/")
+    assert "output/ns/pre/uid-pre/model_card.json" in _keys(client, bucket, "output/ns/pre/uid-pre/")

@@ -59,9 +59,11 @@ def test_the_operator_never_imports_the_trainer() -> None:
 def test_job_prefixes_follow_one_rule() -> None:
     j, spec = _job(checkpoints={"uri": "s3://ckpt/base/"}, output={"uri": "s3://out/x"})
     cfg = TrainerConfig.loads(render.config_map(j, spec)["data"][layout.CONFIG_KEY])
-    assert cfg.checkpoint_prefix == "s3://ckpt/base/ns/j"
-    assert cfg.output_prefix == "s3://out/x/ns/j"
-    assert uris.job_prefix("s3://b/p", "ns", "j") == cfg.checkpoint_prefix.replace("ckpt/base", "b/p")
+    uid = j["metadata"]["uid"]  # the incarnation: a re-created job of the same name gets new prefixes
+    assert cfg.checkpoint_prefix == f"s3://ckpt/base/ns/j/{uid}"
+    assert cfg.output_prefix == f"s3://out/x/ns/j/{uid}"
+    assert uris.job_prefix("s3://b/p", "ns", "j", uid) == cfg.checkpoint_prefix.replace("ckpt/base", "b/p")
+    assert uris.job_prefix("s3://b/p", "ns", "j") == "s3://b/p/ns/j"
 
 
 def test_schema_pattern_and_parser_agree_on_buckets() -> None:

@@ -1,20 +1,24 @@
 """Checkpoints in S3 that a reader can never see half-written.
 
-Layout under the job's prefix (`TrainerConfig.checkpoint_prefix`):
+Layout under the job's prefix (`TrainerConfig.checkpoint_prefix`, `<uri>/<namespace>/<name>/<uid>`):
 
-    <prefix>/checkpoints/step-000000123/<files...>
-    <prefix>/checkpoints/step-000000123/MANIFEST.json    written LAST: the commit point
+    <prefix>/owner.json                                     the attempt that may write (`fence`)
+    <prefix>/checkpoints/step-000000123-a2/<files...>       written by attempt 2
+    <prefix>/checkpoints/step-000000123-a2/MANIFEST.json    written LAST: the commit point
 
-The manifest lists every file with its size and sha256, plus the step, the wall time
-(RFC 3339) and a free-form `meta` dict. A step directory without a manifest is an upload that
-never finished and is ignored; a committed checkpoint whose files do not match the manifest is
+The manifest (`manifest`) lists every file with its size and sha256, plus the step, the wall time
+(RFC 3339) and a `meta` dict (the job's UID, the attempt's token, the config the weights depend on).
+A step directory without a manifest is an upload that never finished and is ignored; a committed
+checkpoint whose files do not match the manifest, or whose meta names another job's UID, is
 skipped on restore in favour of the previous one. Pruning deletes the manifest first, so a
 half-deleted checkpoint is never valid either.
 
 Saving: the caller writes the checkpoint to a local directory (the only part training waits
 for) and hands it to `save_async`; the store moves it aside and uploads it in the background
-(multipart, concurrent), then commits the manifest, then prunes to `keep_last`. At most one
-upload is in flight; on SIGTERM, `wait()` blocks until it is durable.
+(multipart, concurrent), then commits the manifest (If-None-Match: never over another writer's),
+then prunes to `keep_last`. At most one upload is in flight; on SIGTERM, `wait()` blocks until it
+is durable. With a `fence`, every commit, clear and prune first checks that this attempt still
+owns the prefix; pruning never deletes a checkpoint of a newer attempt than the store's own.
 
 Several ranks (DeepSpeed ZeRO shards, one store per rank): `save_async(..., rank=r, world=w)`
 uploads this rank's files and its part; rank 0 commits the manifest over every rank's files only
@@ -26,138 +30,41 @@ Kept light: no torch import (the operator image has none).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from kubetune_contract.config import S3Spec
-from kubetune_contract.progress import CheckpointRef
 
 from . import s3 as s3mod
 from . import shards
 from .errors import CorruptCheckpoint, KubetuneError, RetriableError, UserError
+from .fence import Fenced
+from .manifest import (  # noqa: F401 - re-exported: the store's records
+    CHECKPOINTS_DIR,
+    FORMAT,
+    MANIFEST,
+    CheckpointInfo,
+    FileEntry,
+    Key,
+    now_rfc3339,
+    parse_step_dir,
+    sha256_file,
+    step_dir_name,
+)
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "MANIFEST.json"
-FORMAT = "kubetune-checkpoint/v1"
-CHECKPOINTS_DIR = "checkpoints"
-_STEP_DIR_RE = re.compile(r"^step-(\d{9,})$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:09d}"
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def sha256_file(path: Path, bufsize: int = 4 * s3mod.MB) -> str:
-    """Streaming sha256 (large reads: hashlib drops the GIL, so several files hash in parallel)."""
-    h = hashlib.sha256()
-    buf = bytearray(bufsize)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------ records
-@dataclass(frozen=True)
-class FileEntry:
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One committed checkpoint, as its manifest describes it."""
-
-    step: int
-    uri: str  # s3://bucket/<prefix>/checkpoints/step-000000123
-    time: str  # RFC 3339, when the manifest was written
-    files: dict[str, FileEntry]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(e.size for e in self.files.values())
-
-    def to_ref(self) -> CheckpointRef:
-        """For ProgressRecord.last_checkpoint."""
-        return CheckpointRef(uri=self.uri, step=self.step, time=self.time)
-
-    def manifest_bytes(self) -> bytes:
-        doc = {
-            "format": FORMAT,
-            "step": self.step,
-            "time": self.time,
-            "totalBytes": self.total_bytes,
-            "files": {k: {"size": e.size, "sha256": e.sha256} for k, e in sorted(self.files.items())},
-            "meta": self.meta,
-        }
-        return json.dumps(doc, indent=1, sort_keys=True).encode()
-
-    @classmethod
-    def from_manifest(cls, data: bytes, *, uri: str, expected_step: int) -> CheckpointInfo:
-        """Parse and validate a manifest; CorruptCheckpoint says what is wrong with it."""
-
-        def bad(why: str) -> CorruptCheckpoint:
-            return CorruptCheckpoint(f"{uri}/{MANIFEST}: {why}")
-
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad(f"not valid JSON ({exc})") from None
-        if not isinstance(doc, dict):
-            raise bad("not a JSON object")
-        if doc.get("format") != FORMAT:
-            raise bad(f"format {doc.get('format')!r} is not {FORMAT!r}")
-        step = doc.get("step")
-        if not isinstance(step, int) or isinstance(step, bool) or step != expected_step:
-            raise bad(f"step {step!r} does not match the directory's step {expected_step}")
-        t = doc.get("time")
-        if not isinstance(t, str) or not t:
-            raise bad("time is missing")
-        raw_files = doc.get("files")
-        if not isinstance(raw_files, dict) or not raw_files:
-            raise bad("files is missing or empty")
-        files: dict[str, FileEntry] = {}
-        for rel, e in raw_files.items():
-            try:
-                s3mod._safe_rel(rel, uri)  # never let a manifest write outside the restore dir
-            except UserError as exc:
-                raise bad(str(exc)) from None
-            if rel == MANIFEST:
-                raise bad("lists itself")
-            if not isinstance(e, dict):
-                raise bad(f"entry {rel!r} is not an object")
-            size, digest = e.get("size"), e.get("sha256")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise bad(f"entry {rel!r} has no valid size")
-            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
-                raise bad(f"entry {rel!r} has no valid sha256")
-            files[rel] = FileEntry(size, digest)
-        meta = doc.get("meta", {})
-        if not isinstance(meta, dict):
-            raise bad("meta is not an object")
-        return cls(step=step, uri=uri, time=t, files=files, meta=meta)
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -225,9 +132,9 @@ def _metrics_for(registry: CollectorRegistry | None) -> _Metrics:
 @dataclass
 class _Listing:
     committed: list[CheckpointInfo]  # newest first, parseable manifests only
-    objects: dict[int, dict[str, int]]  # step -> {relative path: size}
-    incomplete: list[int]  # step dirs without a manifest
-    unparsable: list[int]  # step dirs whose manifest is garbage
+    objects: dict[Key, dict[str, int]]  # (step, attempt) -> {relative path: size}
+    incomplete: list[Key]  # step dirs without a manifest
+    unparsable: list[Key]  # step dirs whose manifest is garbage
 
 
 class CheckpointStore:
@@ -236,6 +143,10 @@ class CheckpointStore:
     prefix_uri: the job's prefix, `TrainerConfig.checkpoint_prefix`.
     s3: endpoint/region/addressing for a client made here (ignored when `client` is given).
     keep_last: committed checkpoints kept (`checkpoints.keepLast`).
+    attempt: this attempt's number: the step directories it writes, the newest it may prune.
+    fence: called with what is about to happen before each commit, clear and prune; raises
+        (`fence.Fenced`) when a newer attempt owns the prefix. None: no fencing (one writer).
+    job_uid: restore skips checkpoints whose manifest names another job's UID.
     registry: Prometheus registry for the kubetune_checkpoint_* metrics (default: the global).
     transfer: a boto3 TransferConfig (default `s3.transfer_config()`: 16 MiB parts, 8 at once).
     """
@@ -247,6 +158,9 @@ class CheckpointStore:
         keep_last: int,
         client: Any = None,
         *,
+        attempt: int = 0,
+        fence: Callable[[str], None] | None = None,
+        job_uid: str | None = None,
         registry: CollectorRegistry | None = None,
         transfer: Any = None,
         hash_workers: int = 2,
@@ -256,6 +170,9 @@ class CheckpointStore:
             raise ValueError(f"checkpoints.keepLast must be >= 1, got {keep_last}")
         self.root = s3mod.parse_s3_uri(prefix_uri, field="checkpoints.uri").join(CHECKPOINTS_DIR)
         self.keep_last = keep_last
+        self.attempt = attempt
+        self._fence = fence
+        self.job_uid = job_uid
         self.client = client if client is not None else s3mod.make_client(s3)
         self._transfer = transfer or s3mod.transfer_config()
         self._hash_workers = max(1, hash_workers)
@@ -263,43 +180,48 @@ class CheckpointStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-ckpt-upload")
         self._inflight: Future[CheckpointInfo] | None = None
         self._last_durable: CheckpointInfo | None = None
-        self._known_bad: set[int] = set()  # failed verification here; deleted at the next prune
+        self._known_bad: set[Key] = set()  # failed verification here; deleted at the next prune
         self._m = _metrics_for(registry)
 
     # -- helpers ---------------------------------------------------------------------------
-    def step_uri(self, step: int) -> s3mod.S3Uri:
-        return self.root.join(step_dir_name(step))
+    def step_uri(self, step: int, attempt: int | None = None) -> s3mod.S3Uri:
+        return self.root.join(step_dir_name(step, self.attempt if attempt is None else attempt))
 
     def check_access(self) -> None:
         """Fail fast (UserError) unless we can list, write and delete under the prefix."""
         s3mod.check_access(self.client, self.root, field="checkpoints.uri", write=True)
 
-    def _scan(self, read_manifests: bool = True) -> _Listing:
-        objects: dict[int, dict[str, int]] = {}
-        base = self.root.dir_prefix
-        for o in s3mod.iter_objects(self.client, self.root):
+    def _check_fence(self, what: str) -> None:
+        if self._fence is not None:
+            self._fence(what)
+
+    def _scan(self, root: s3mod.S3Uri | None = None, read_manifests: bool = True) -> _Listing:
+        root = root or self.root
+        objects: dict[Key, dict[str, int]] = {}
+        base = root.dir_prefix
+        for o in s3mod.iter_objects(self.client, root):
             dirname, _, rel = o.key[len(base) :].partition("/")
-            m = _STEP_DIR_RE.match(dirname)
-            if m and rel:
-                objects.setdefault(int(m.group(1)), {})[rel] = o.size
+            key = parse_step_dir(dirname)
+            if key is not None and rel:
+                objects.setdefault(key, {})[rel] = o.size
         committed: list[CheckpointInfo] = []
-        incomplete: list[int] = []
-        unparsable: list[int] = []
-        for step in sorted(objects, reverse=True):
-            if MANIFEST not in objects[step]:
-                incomplete.append(step)
+        incomplete: list[Key] = []
+        unparsable: list[Key] = []
+        for key in sorted(objects, reverse=True):
+            if MANIFEST not in objects[key]:
+                incomplete.append(key)
                 continue
             if not read_manifests:
                 continue
-            uri = self.step_uri(step)
+            uri = root.join(step_dir_name(*key))
             try:
                 data = s3mod.get_bytes(self.client, uri.join(MANIFEST))
-                committed.append(CheckpointInfo.from_manifest(data, uri=str(uri), expected_step=step))
+                committed.append(CheckpointInfo.from_manifest(data, uri=str(uri), expected_step=key[0], attempt=key[1]))
             except s3mod.S3NotFound:
-                incomplete.append(step)  # pruned between listing and reading
+                incomplete.append(key)  # pruned between listing and reading
             except CorruptCheckpoint as exc:
-                log.warning("checkpoint manifest unreadable step=%d reason=%s", step, exc)
-                unparsable.append(step)
+                log.warning("checkpoint manifest unreadable step=%d attempt=%d reason=%s", key[0], key[1], exc)
+                unparsable.append(key)
         return _Listing(committed, objects, incomplete, unparsable)
 
     # -- reading ---------------------------------------------------------------------------
@@ -307,30 +229,45 @@ class CheckpointStore:
         """Committed checkpoints, newest first (only those with a parseable manifest)."""
         return self._scan().committed
 
-    def restore_latest(self, dest: Path) -> CheckpointInfo | None:
+    def restore_latest(self, dest: Path, source: str | None = None) -> CheckpointInfo | None:
         """Download the newest checkpoint whose files verify (size + sha256) into `dest`.
 
         Falls back to older ones, logging why each was skipped; returns None when none is
         valid. `dest` must be absent or empty; it appears complete or not at all. Transient S3
         errors raise (RetriableError) rather than silently resuming from an older checkpoint.
+
+        source: another job's checkpoint instead of this job's (`checkpoints.resumeFrom`): a step
+        directory's URI (that checkpoint only) or a job prefix (its newest valid one); another
+        job's UID is then expected. None found there is a UserError: the user named it.
         """
         t0 = time.monotonic()
         dest = Path(dest)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise FileExistsError(f"restore destination {dest} exists and is not an empty directory")
-        listing = self._scan()
-        newest = listing.committed[0].step if listing.committed else -1
-        for step in listing.incomplete:
-            if step > newest:
-                log.info("checkpoint ignored step=%d reason=no manifest (upload never finished)", step)
-        self._known_bad.update(listing.unparsable)
-        for info in listing.committed:
+        only: Key | None = None
+        root = self.root
+        if source is not None:
+            src = s3mod.parse_s3_uri(source, field="checkpoints.resumeFrom")
+            only = parse_step_dir(src.name)
+            root = s3mod.S3Uri(src.bucket, src.key.rsplit("/", 1)[0]) if only else src.join(CHECKPOINTS_DIR)
+        listing = self._scan(root)
+        candidates = [c for c in listing.committed if only is None or c.key == only]
+        newest = candidates[0].key if candidates else (-1, -1)
+        for key in listing.incomplete:
+            if key > newest and (only is None or key == only):
+                log.info("checkpoint ignored step=%d attempt=%d reason=no manifest (upload never finished)", *key)
+        if source is None:
+            self._known_bad.update(listing.unparsable)
+        for info in candidates:
             try:
-                self._verify_listing(info, listing.objects.get(info.step, {}))
+                if source is None and self.job_uid and info.job_uid and info.job_uid != self.job_uid:
+                    raise CorruptCheckpoint(f"{info.uri} belongs to job uid {info.job_uid}, not {self.job_uid}")
+                self._verify_listing(info, listing.objects.get(info.key, {}))
                 nbytes = self._download_verified(info, dest)
             except CorruptCheckpoint as exc:
                 log.warning("checkpoint skipped step=%d reason=%s; trying the previous one", info.step, exc)
-                self._known_bad.add(info.step)
+                if source is None:
+                    self._known_bad.add(info.key)
                 self._m.fallbacks.inc()
                 continue
             seconds = time.monotonic() - t0
@@ -339,6 +276,11 @@ class CheckpointStore:
             self._set_durable(info)
             log.info("checkpoint restored step=%d uri=%s bytes=%d seconds=%.2f", info.step, info.uri, nbytes, seconds)
             return info
+        if source is not None:
+            raise UserError(
+                f"checkpoints.resumeFrom: no valid checkpoint at {source} (expected a committed "
+                "s3://.../checkpoints/step-<n>-a<attempt> directory, or a job prefix s3://.../<namespace>/<name>/<uid>)"
+            )
         log.info("checkpoint none valid under %s; starting from scratch", self.root)
         return None
 
@@ -454,15 +396,28 @@ class CheckpointStore:
                     )
             if world > 1:
                 if rank != 0:  # this rank's part: its files are durable; rank 0 commits
+                    self._check_fence(f"writing rank {rank}'s part of checkpoint step {step}")
                     part = shards.part_bytes(step, rank, entries)
                     s3mod.put_bytes(self.client, uri.join(shards.part_rel(rank)), part, content_type="application/json")
                     self._m.upload_bytes.inc(nbytes)
                     log.info("checkpoint shards uploaded step=%d rank=%d bytes=%d", step, rank, nbytes)
-                    return CheckpointInfo(step=step, uri=str(uri), time=now_rfc3339(), files=entries, meta=meta)
+                    return CheckpointInfo(
+                        step=step, uri=str(uri), time=now_rfc3339(), files=entries, meta=meta, attempt=self.attempt
+                    )
                 entries = self._merge_parts(uri, step, world, entries)
-            info = CheckpointInfo(step=step, uri=str(uri), time=now_rfc3339(), files=entries, meta=meta)
-            # The commit point: only now can a reader see this checkpoint.
-            s3mod.put_bytes(self.client, uri.join(MANIFEST), info.manifest_bytes(), content_type="application/json")
+            info = CheckpointInfo(
+                step=step, uri=str(uri), time=now_rfc3339(), files=entries, meta=meta, attempt=self.attempt
+            )
+            self._check_fence(f"committing checkpoint step {step}")
+            # The commit point: only now can a reader see this checkpoint (and never over another
+            # writer's manifest: a conditional write).
+            s3mod.put_bytes(
+                self.client,
+                uri.join(MANIFEST),
+                info.manifest_bytes(),
+                content_type="application/json",
+                if_none_match=True,
+            )
         except Exception as exc:
             self._m.saves.labels(result="failure").inc()
             log.error("checkpoint upload failed step=%d uri=%s error=%s", step, uri, exc)
@@ -485,7 +440,9 @@ class CheckpointStore:
             nbytes / s3mod.MB / max(seconds, 1e-9),
         )
         try:
-            self._prune(step)
+            self._prune(info.key)
+        except Fenced:
+            raise  # committed, but a newer attempt owns the prefix now: stop
         except Exception as exc:  # noqa: BLE001 - the checkpoint is durable; pruning can wait
             log.warning("checkpoint prune failed under %s: %s", self.root, exc)
         return info
@@ -506,7 +463,7 @@ class CheckpointStore:
 
     def clear_step(self, step: int) -> None:
         """Delete whatever an earlier attempt left of this step (manifest first); rank 0, before
-        the ranks of a sharded checkpoint write."""
+        the ranks of a sharded checkpoint write. Only this attempt's directory of the step."""
         self._clear_step(step)
 
     def _set_durable(self, info: CheckpointInfo) -> None:
@@ -514,8 +471,8 @@ class CheckpointStore:
         self._m.last_step.set(info.step)
         self._m.last_time.set(time.time())
 
-    def _delete_step(self, step: int, keys: dict[str, int]) -> None:
-        base = self.step_uri(step)
+    def _delete_step(self, key: Key, keys: dict[str, int]) -> None:
+        base = self.step_uri(*key)
         if MANIFEST in keys:  # uncommit first: a half-deleted checkpoint must not look valid
             s3mod.delete_keys(self.client, base.bucket, [base.join(MANIFEST).key])
         rest = [base.join(rel).key for rel in keys if rel != MANIFEST]
@@ -527,24 +484,29 @@ class CheckpointStore:
         uri = self.step_uri(step)
         existing = {o.key[len(uri.dir_prefix) :]: o.size for o in s3mod.iter_objects(self.client, uri)}
         if existing:
+            self._check_fence(f"clearing checkpoint step {step}")
             log.info("checkpoint overwriting step=%d (%d leftover objects)", step, len(existing))
-            self._delete_step(step, existing)
+            self._delete_step((step, self.attempt), existing)
 
-    def _prune(self, just_committed: int) -> None:
+    def _prune(self, just_committed: Key) -> None:
         """Keep the newest `keep_last` committed checkpoints (never the one just written);
         delete older ones, ones that failed verification here, and unfinished uploads older
-        than the one just committed."""
+        than the one just committed. Never a checkpoint of a newer attempt than this store's."""
         listing = self._scan(read_manifests=False)
         bad = set(self._known_bad)
-        committed = sorted({s for s, objs in listing.objects.items() if MANIFEST in objs}, reverse=True)
-        good = [s for s in committed if s not in bad or s == just_committed]
+        committed = sorted({k for k, objs in listing.objects.items() if MANIFEST in objs}, reverse=True)
+        good = [k for k in committed if k not in bad or k == just_committed]
         keep = set(good[: self.keep_last]) | {just_committed}
-        doomed = [s for s in committed if s not in keep]
-        doomed += [s for s in listing.incomplete if s < just_committed]
-        for step in sorted(set(doomed)):
-            self._delete_step(step, listing.objects.get(step, {}))
-            self._known_bad.discard(step)
-            log.info("checkpoint pruned step=%d", step)
+        doomed = {k for k in committed if k not in keep}
+        doomed |= {k for k in listing.incomplete if k < just_committed}
+        doomed = {k for k in doomed if k[1] <= self.attempt}  # a newer attempt's are its own business
+        if not doomed:
+            return
+        self._check_fence(f"pruning checkpoints {sorted(doomed)}")
+        for key in sorted(doomed):
+            self._delete_step(key, listing.objects.get(key, {}))
+            self._known_bad.discard(key)
+            log.info("checkpoint pruned step=%d attempt=%d", *key)
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Block until the in-flight upload is durable (e.g. on SIGTERM) and return it; with

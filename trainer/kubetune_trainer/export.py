@@ -1,6 +1,15 @@
 """The result: the adapter (or the full model) + tokenizer + model_card.json, uploaded to
-<output.uri>/<namespace>/<name>/; with output.mergeWeights also base+adapter merged weights under
-merged/ (the base is reloaded unquantised on CPU, so this works for qlora too)."""
+<output.uri>/<namespace>/<name>/<uid>/; with output.mergeWeights also base+adapter merged weights
+under merged/ (the base is reloaded unquantised on CPU, so this works for qlora too).
+
+Order, so that nothing risky can lose the result: the last step's checkpoint is durable before
+export starts (`train`); the adapter, tokenizer and card are uploaded before any merge; the merge
+runs in a child process (`merge`), so running out of memory there kills the child, not the
+trainer, and ends the job with the adapter in place and a message saying so. An upload that S3
+refuses (AccessDenied, missing bucket) is a UserError naming the prefix, the permission and the
+final checkpoint, which `checkpoints.resumeFrom` on a new job exports without retraining; a
+transient failure exits RETRIABLE and the retried attempt resumes at the last step and only
+re-exports. Before uploading, the attempt checks it still owns the job (`fence`)."""
 
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ from typing import Any
 from kubetune_contract.config import TrainerConfig
 
 from . import logs
+from .errors import UserError
 from .state import TrainingParts, TrainState
 
 MODEL_CARD = "model_card.json"
@@ -106,11 +116,12 @@ def export_output(
     rank0: bool,
     out_dir: Path,
     client: Any,
+    fence: Callable[[str], None] | None = None,
+    checkpoint: Any = None,
 ) -> str:
     """Write the result into out_dir and upload it (rank 0); every rank must call it (ZeRO-3
     gathers). `facts` is called when the model card is written, so its wall time includes the
     export itself."""
-    from . import s3
     from .model import is_peft
     from .zero import gathered_state_dict
 
@@ -132,30 +143,81 @@ def export_output(
     else:
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if cfg.output.merge_weights and cfg.method in ("lora", "qlora"):
-        _merge(cfg, model_src, tokenizer, facts().precision, out)
+    merge = cfg.output.merge_weights and cfg.method in ("lora", "qlora")
     card = model_card(cfg, facts())
+    if merge:
+        card["merged_weights"] = "pending"
     (out / MODEL_CARD).write_text(json.dumps(card, indent=2))
-    t0 = logs.monotonic()
-    sizes = s3.upload_dir(client, out, uri)
-    logs.log(
-        "output_uploaded", uri=uri, files=len(sizes), bytes=sum(sizes.values()), seconds=round(logs.monotonic() - t0, 2)
-    )
+    _upload(client, out, uri, fence, checkpoint, "output_uploaded")  # the adapter first: durable before a merge
+    if merge:
+        precision = facts().precision
+        try:
+            _merge_in_child(cfg, model_src, precision, out, uri)
+        except UserError as e:
+            card["merged_weights"] = f"failed: {e}"
+            (out / MODEL_CARD).write_text(json.dumps(card, indent=2))
+            _upload_files(client, {MODEL_CARD: out / MODEL_CARD}, uri, fence, checkpoint)
+            raise
+        card["merged_weights"] = "merged/"
+        (out / MODEL_CARD).write_text(json.dumps(card, indent=2))
+        _upload(client, out / "merged", f"{uri}/merged", fence, checkpoint, "merged_uploaded")
+        _upload_files(client, {MODEL_CARD: out / MODEL_CARD}, uri, fence, checkpoint)
     return uri
 
 
-def _merge(cfg: TrainerConfig, model_src: str, tokenizer: Any, precision: str, out: Path) -> None:
-    """Base (unquantised, CPU) + the saved adapter, merged, to out/merged."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def _upload(client: Any, src: Path, uri: str, fence: Any, checkpoint: Any, event: str) -> None:
+    from . import s3
 
-    dtype = torch.bfloat16 if precision == "bf16" else (torch.float16 if precision == "fp16" else torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(
-        model_src, dtype=dtype, revision=cfg.base_model.revision, trust_remote_code=cfg.base_model.trust_remote_code
+    t0 = logs.monotonic()
+    files = {rel: p for rel, p in s3.local_files(src).items() if not rel.startswith("merged/")}
+    _upload_files(client, files, uri, fence, checkpoint)
+    nbytes = sum(p.stat().st_size for p in files.values())
+    logs.log(event, uri=uri, files=len(files), bytes=nbytes, seconds=round(logs.monotonic() - t0, 2))
+
+
+def _upload_files(client: Any, files: dict[str, Path], uri: str, fence: Any, checkpoint: Any) -> None:
+    from . import s3
+
+    if fence is not None:
+        fence(f"uploading the output to {uri}")
+    try:
+        s3.upload_files(client, files, s3.parse_s3_uri(uri, field="output.uri"))
+    except UserError as e:
+        raise UserError(output_failure(uri, str(e), checkpoint)) from e
+
+
+def output_failure(uri: str, error: str, checkpoint: Any) -> str:
+    """The message of an output upload S3 refused: the prefix, the permission, the checkpoint kept."""
+    kept = (
+        f"The final checkpoint {checkpoint.uri} (step {checkpoint.step}) is kept: after fixing it, a new job with "
+        f"checkpoints.resumeFrom: {checkpoint.uri} exports it without retraining."
+        if checkpoint is not None
+        else "The job's checkpoints are kept."
     )
-    merged = PeftModel.from_pretrained(base, str(out)).merge_and_unload()
-    merged.save_pretrained(out / "merged")
-    tokenizer.save_pretrained(out / "merged")
-    logs.log("merged_weights_written", path=str(out / "merged"))
-    del merged, base
+    return (
+        f"uploading the result to {uri}/ failed: the credentials need s3:PutObject on {uri}/* "
+        f"(and the bucket must exist): {error}. {kept}"
+    )
+
+
+def _merge_in_child(cfg: TrainerConfig, model_src: str, precision: str, out: Path, uri: str) -> None:
+    """out/merged from the base and out's adapter, in a child process (`merge`): an out-of-memory
+    kill there leaves this process, and the adapter already uploaded, intact."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "kubetune_trainer.merge", model_src, str(out), str(out / "merged"), precision]
+    args += [cfg.base_model.revision or "", "1" if cfg.base_model.trust_remote_code else "0"]
+    t0 = logs.monotonic()
+    logs.log("merge_started", base=cfg.base_model.uri, precision=precision)
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        killed = proc.returncode in (-9, 137)
+        why = (
+            "it was killed (out of memory: the merge loads the whole base model unquantised on the CPU; "
+            "raise the workers' memory or set output.mergeWeights false)"
+            if killed
+            else f"it exited {proc.returncode}: {proc.stderr.strip()[-600:]}"
+        )
+        raise UserError(f"merging the adapter into the base model failed: {why}. The adapter is at {uri}/")
+    logs.log("merged_weights_written", path=str(out / "merged"), seconds=round(logs.monotonic() - t0, 2))

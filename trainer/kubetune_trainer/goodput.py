@@ -9,9 +9,10 @@
 - checkpoint-blocked seconds: training time spent in checkpoint saves (local write + staging).
 
 The highest step reached travels two ways: in the checkpoint (`TrainState.highest_step`), and in
-a small high-water mark object next to the checkpoints, `<job prefix>/highest-step.json`, that
-rank 0 rewrites in the background at most every progress interval. Only the second survives a
-kill between checkpoints. Nothing here can fail training: S3 errors are logged once and ignored.
+a small high-water mark object next to the checkpoints, `<job prefix>/highest-step.json` (the
+prefix has the job's UID: one mark per incarnation, never an old job's), that rank 0 rewrites in
+the background at most every progress interval. Only the second survives a kill between
+checkpoints. Nothing here can fail training: S3 errors are logged once and ignored.
 """
 
 from __future__ import annotations

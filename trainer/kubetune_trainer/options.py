@@ -32,7 +32,10 @@ class TrainerOptions:
     dist: DistEnv = field(default_factory=DistEnv)
     """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT."""
     attempt: int | None = None
-    """The operator's 0-based attempt (KUBETUNE_ATTEMPT); None outside a pod. Recorded only."""
+    """The operator's 0-based attempt (KUBETUNE_ATTEMPT); None outside a pod (taken as 0). With the
+    pod UID it is the attempt's token: the fence (`fence`) and the checkpoint directories use it."""
+    pod_uid: str = ""
+    """This pod's metadata.uid (KUBETUNE_POD_UID); empty outside a pod."""
     local_worker: bool = False
     """Started by the launcher for one GPU of a pod (KUBETUNE_LOCAL_WORKER): train, never launch."""
     procs_per_worker: int | None = None
@@ -53,6 +56,11 @@ class TrainerOptions:
     """Test/demo only (KUBETUNE_STEP_DELAY_SECONDS): sleep after each optimizer step so a
     preemption can be injected mid-run. Reachable from a pod's env (spec.pod.env), never set by
     the operator; applied as a step hook (train.run)."""
+
+    @property
+    def token(self) -> tuple[int | None, str]:
+        """(attempt, pod UID): what every write of this attempt carries."""
+        return self.attempt, self.pod_uid
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> TrainerOptions:
@@ -80,6 +88,7 @@ class TrainerOptions:
             termination_log=environ.get(envvars.TERMINATION_LOG, TERMINATION_LOG),
             dist=dist,
             attempt=_int_or_none(environ.get(envvars.ATTEMPT, "")),
+            pod_uid=environ.get(envvars.POD_UID, ""),
             local_worker=bool(environ.get(envvars.LOCAL_WORKER)),
             procs_per_worker=max(1, _int(environ, envvars.PROCS_PER_WORKER, 1)) if procs else None,
             force_cpu=environ.get(envvars.FORCE_CPU) == "1",
@@ -112,7 +121,7 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
 
 
 def _int_or_none(v: str) -> int | None:
-    # the attempt is only recorded (logs, checkpoint meta, model card): a bad one is dropped
+    # a bad attempt number is dropped (taken as 0, like outside a pod)
     try:
         return int(v)
     except ValueError:

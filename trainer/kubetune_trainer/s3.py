@@ -72,6 +72,10 @@ class S3NotFound(UserError):
     """The object or prefix does not exist (a user error when it is their model or dataset)."""
 
 
+class S3PreconditionFailed(RetriableError):
+    """A conditional write lost (If-None-Match: the object exists; If-Match: it changed)."""
+
+
 def parse_s3_uri(uri: str, *, field: str | None = None) -> S3Uri:
     """Parse `s3://bucket[/key]` (the contract's rule); raise S3UriError naming the field."""
     return uris.parse_s3_uri(uri, field=field, error=S3UriError)
@@ -187,6 +191,8 @@ def translate_error(
         return UserError(
             f"{where}S3 bucket {bucket!r} does not exist at {endpoint}; create it or fix the URI {target_s!r}"
         )
+    if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+        return S3PreconditionFailed(f"{where}{target_s}: the conditional write lost ({code or status})")
     if code in ("NoSuchKey", "NotFound") or status == 404:
         return S3NotFound(f"{where}{target_s} does not exist at {endpoint}")
     if code == "InvalidAccessKeyId":
@@ -332,10 +338,37 @@ def get_bytes(client: S3Client, uri: str | S3Uri) -> bytes:
 
 
 def put_bytes(
-    client: S3Client, uri: str | S3Uri, data: bytes, *, content_type: str = "application/octet-stream"
-) -> None:
+    client: S3Client,
+    uri: str | S3Uri,
+    data: bytes,
+    *,
+    content_type: str = "application/octet-stream",
+    if_none_match: bool = False,
+    if_match: str | None = None,
+) -> str:
+    """Write a small object; returns its ETag. if_none_match: only when it does not exist yet;
+    if_match: only while its ETag is this one (S3 conditional writes: AWS since 2024, MinIO;
+    a loser gets S3PreconditionFailed)."""
     u = _as_uri(uri)
-    _call(client, "put_object", u, client.put_object, Bucket=u.bucket, Key=u.key, Body=data, ContentType=content_type)
+    cond: dict[str, str] = {}
+    if if_none_match:
+        cond["IfNoneMatch"] = "*"
+    if if_match is not None:
+        cond["IfMatch"] = f'"{if_match.strip(chr(34))}"'
+    put = client.put_object
+    r = _call(client, "put_object", u, put, Bucket=u.bucket, Key=u.key, Body=data, ContentType=content_type, **cond)
+    return str((r or {}).get("ETag", "")).strip('"')
+
+
+def get_bytes_etag(client: S3Client, uri: str | S3Uri) -> tuple[bytes, str]:
+    """A small object's content and ETag. Raises S3NotFound when missing."""
+    u = _as_uri(uri)
+
+    def fetch() -> tuple[bytes, str]:
+        r = client.get_object(Bucket=u.bucket, Key=u.key)
+        return r["Body"].read(), str(r.get("ETag", "")).strip('"')
+
+    return _call(client, "get_object", u, fetch)
 
 
 def delete_keys(client: S3Client, bucket: str, keys: Iterable[str]) -> int:

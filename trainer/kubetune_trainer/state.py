@@ -198,6 +198,14 @@ def load_parts(ckpt_dir: Path, parts: TrainingParts, device: Any, uri: str) -> N
             f"checkpoint {uri} does not match the model (method or lora settings "
             f"changed?): missing {sorted(missing)[:5]}"
         )
+    shapes = [
+        f"{n}: {tuple(weights[n].shape)} vs {tuple(p.shape)}" for n, p in by_name.items() if weights[n].shape != p.shape
+    ]
+    if shapes:
+        raise UserError(
+            f"checkpoint {uri} does not match the model (lora.r or the method changed?): "
+            f"checkpoint vs model shapes {shapes[:3]}"
+        )
     with torch.no_grad():
         for n, p in by_name.items():
             p.copy_(weights[n].to(p.device, p.dtype))

@@ -167,6 +167,8 @@ class Run:
         code = self._train_loop()
         if code != ExitCode.SUCCESS:
             return code
+        assert self.ckpt is not None  # the last step is durable before anything that might fail
+        self.ckpt.make_durable(self.state, self.parts, "final")
         if self.data.eval_seqs and (self.state.last_eval_loss is None or self._eval_step != self.state.global_step):
             self._evaluate()
         return self._export()
@@ -217,12 +219,12 @@ class Run:
     def _resume(self) -> None:
         env, data = self.dist.env, self.data
         self.ckpt = Checkpointing.open(
-            self.cfg, self.dist, self.work, self.client(), self.progress, self.metrics, self.opts.attempt
+            self.cfg, self.dist, self.work, self.client(), self.progress, self.metrics, *self.opts.token
         )
         self.ckpt.on_blocked = self.goodput.checkpoint_blocked
         if self.rank0:
             self.goodput.watch_highwater(self.client(), self.cfg.checkpoint_prefix, self.cfg.progress_interval_seconds)
-        resumed = self.ckpt.resume(self.parts, data.batches)
+        resumed = self.ckpt.resume(self.parts, data.batches, data.dataset_sha256)
         if resumed is not None:
             st, info = resumed
             self.state, self.resumed_from = st, st.global_step
@@ -275,6 +277,8 @@ class Run:
         ckpt.last_time = time.monotonic()
         self.set_phase("training", step=st.global_step)
         logs.rank0("training_start", step=st.global_step, total_steps=total_steps, epoch=st.epoch)
+        if st.global_step >= total_steps:  # e.g. a retry after a failed export: nothing to retrain
+            logs.rank0("export_only", step=st.global_step, total_steps=total_steps)
         self.goodput.training_starts()
         first_step = st.global_step
 
@@ -434,6 +438,8 @@ class Run:
             rank0=self.rank0,
             out_dir=self.work / "output",
             client=self.client(),
+            fence=self.ckpt.fence.check if self.ckpt is not None and self.ckpt.fence is not None else None,
+            checkpoint=self.ckpt.store.last_durable() if self.ckpt is not None else None,
         )
         if self.rank0:
             if self.ckpt is not None:
