@@ -141,10 +141,14 @@ def test_spot_eviction_resumes_from_the_checkpoint_and_succeeds(stack, ns):
     assert any(k.endswith("model_card.json") for k in keys), keys
     assert any(k.endswith("adapter_model.safetensors") for k in keys), keys
     # The SIGTERM checkpoint is the one it resumed from: no step was trained twice.
-    prefix = f"s3://kubetune-demo/checkpoints/{ns}/evicted/checkpoints/"
+    uid = job.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "evicted")["metadata"]["uid"]
+    prefix = f"s3://kubetune-demo/checkpoints/{ns}/evicted/{uid}/checkpoints/"  # step-<n>-a<attempt>/
     steps = sorted(
-        int(k.rsplit("step-", 1)[1].split("/")[0]) for k in job.objects(prefix) if k.endswith("MANIFEST.json")
+        int(k.rsplit("step-", 1)[1].split("/")[0].split("-")[0])
+        for k in job.objects(prefix)
+        if k.endswith("MANIFEST.json")
     )
+    assert steps, f"no committed checkpoint under {prefix}"
     assert st["progress"]["resumedFromStep"] in steps or st["progress"]["resumedFromStep"] <= max(steps)
     clean_st = clean.wait(lambda st: st.get("phase") == "Succeeded", timeout=300, what="the clean job Succeeded")
     assert clean_st["preemptions"] == 0
