@@ -19,7 +19,7 @@ from .test_operator import finish_pod, jobs, phase, pod_names, running_pod, s3_p
 
 pytestmark = pytest.mark.cluster
 A100 = "NVIDIA-A100-SXM4-80GB"
-GPU = {"resources": {"gpus": 1, "gpuType": A100}, "training": {"precision": "bf16", "gradientCheckpointing": True}}
+GPU = {"resources": {"gpus": 1, "gpuType": A100}, "training": {"precision": "bf16", "gradientCheckpointing": "always"}}
 
 
 def gpu_job(name: str, spec: dict) -> dict:
