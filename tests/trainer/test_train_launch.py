@@ -52,4 +52,4 @@ def test_launcher_forwards_sigterm_to_its_workers(tmp_path, minio, tiny_model_di
     assert sorted(e["rank"] for e in ev if e["event"] == "signal_received") == [0, 1]
     stopped = next(e for e in ev if e["event"] == "preempted")["step"]
     keys = [o["Key"] for o in minio.client().list_objects_v2(Bucket=bucket, Prefix="checkpoints/")["Contents"]]
-    assert any(k.endswith(f"step-{stopped:09d}/MANIFEST.json") for k in keys)
+    assert any(k.endswith(f"step-{stopped:09d}-a0/MANIFEST.json") for k in keys), keys  # attempt 0's directory
