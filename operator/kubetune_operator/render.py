@@ -266,18 +266,7 @@ def worker_pod(
         "volumes": volumes,
         "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
     }
-    if pod_cfg.node_selector:
-        pod_spec["nodeSelector"] = dict(pod_cfg.node_selector)
-    all_tolerations = list(pod_cfg.tolerations or []) + [t for t in tolerations if t not in (pod_cfg.tolerations or [])]
-    if all_tolerations:
-        pod_spec["tolerations"] = all_tolerations
-    affinity = _affinity(pod_cfg.affinity, required, preferred)
-    if affinity:
-        pod_spec["affinity"] = affinity
-    if pod_cfg.priority_class_name:
-        pod_spec["priorityClassName"] = pod_cfg.priority_class_name
-    if pod_cfg.service_account_name:
-        pod_spec["serviceAccountName"] = pod_cfg.service_account_name
+    _place(pod_spec, pod_cfg, tolerations, _affinity(pod_cfg.affinity, required, preferred))
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -290,6 +279,28 @@ def worker_pod(
         },
         "spec": pod_spec,
     }
+
+
+def _place(
+    pod_spec: dict[str, Any],
+    pod_cfg: api.PodOverrides,
+    tolerations: list[dict[str, Any]],
+    affinity: dict[str, Any] | None,
+) -> None:
+    """The user's placement and identity fields on a pod spec (worker or sizing pod): their node selector,
+    their tolerations plus ours (no duplicates), the given affinity, priority class, service account."""
+    if pod_cfg.node_selector:
+        pod_spec["nodeSelector"] = dict(pod_cfg.node_selector)
+    own = list(pod_cfg.tolerations or [])
+    merged = own + [t for t in tolerations if t not in own]
+    if merged:
+        pod_spec["tolerations"] = merged
+    if affinity:
+        pod_spec["affinity"] = affinity
+    if pod_cfg.priority_class_name:
+        pod_spec["priorityClassName"] = pod_cfg.priority_class_name
+    if pod_cfg.service_account_name:
+        pod_spec["serviceAccountName"] = pod_cfg.service_account_name
 
 
 def sizing_pod(job: dict[str, Any], spec: api.FineTuneJobSpec, settings: Settings, name: str) -> dict[str, Any]:
@@ -326,19 +337,7 @@ def sizing_pod(job: dict[str, Any], spec: api.FineTuneJobSpec, settings: Setting
         "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
     }
     # Wherever the user's placement allows (spot nodes too); never the GPU type or capacity policy.
-    if pod_cfg.node_selector:
-        pod_spec["nodeSelector"] = dict(pod_cfg.node_selector)
-    tolerations = list(pod_cfg.tolerations or []) + [
-        t for t in settings.spot_tolerations if t not in (pod_cfg.tolerations or [])
-    ]
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-    if pod_cfg.affinity:
-        pod_spec["affinity"] = copy.deepcopy(pod_cfg.affinity)
-    if pod_cfg.priority_class_name:
-        pod_spec["priorityClassName"] = pod_cfg.priority_class_name
-    if pod_cfg.service_account_name:
-        pod_spec["serviceAccountName"] = pod_cfg.service_account_name
+    _place(pod_spec, pod_cfg, settings.spot_tolerations, copy.deepcopy(pod_cfg.affinity) if pod_cfg.affinity else None)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
